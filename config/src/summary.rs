@@ -1,0 +1,47 @@
+//! A one-paragraph description of a loaded configuration, for `mailqueue check-config`.
+
+use crate::{Config, DatabaseKind, Role};
+
+impl Config {
+    /// E.g. `2 queues, 3 addresses (2 senders); incoming servers: m365; outgoing server: smtp.office365.com:587;
+    /// 3 API tokens (2 agent, 1 router, 0 admin); database: sqlite`.
+    pub fn summary(&self) -> String {
+        let addresses = self.queues.iter().map(|q| q.addresses.len()).sum::<usize>();
+        let senders = self.queues.iter().flat_map(|q| &q.addresses).filter(|a| a.sender).count();
+        let servers = self.incoming_servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>();
+        let outgoing = self
+            .outgoing_server
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |o| format!("{}:{}", o.host, o.port));
+        let tokens = &self.api.tokens;
+        let count = |role| tokens.iter().filter(|t| t.role == role).count();
+        let database = match self.database.kind() {
+            Some(DatabaseKind::Sqlite) => "sqlite",
+            Some(DatabaseKind::Postgres) => "postgres",
+            None => "unknown",
+        };
+        let servers = if servers.is_empty() { "none".to_string() } else { servers.join(", ") };
+        format!(
+            "{}, {} ({}); incoming servers: {servers}; outgoing server: {outgoing}; {} ({} agent, {} router, {} admin); \
+             database: {database}",
+            plural(self.queues.len(), "queue"),
+            plural(addresses, "address"),
+            plural(senders, "sender"),
+            plural(tokens.len(), "API token"),
+            count(Role::Agent),
+            count(Role::Router),
+            count(Role::Admin),
+        )
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    let suffix = if n == 1 {
+        ""
+    } else if word.ends_with('s') {
+        "es"
+    } else {
+        "s"
+    };
+    format!("{n} {word}{suffix}")
+}

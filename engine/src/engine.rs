@@ -1,0 +1,117 @@
+//! The `Engine` handle: a database pool, the configuration and the queue directory, shared by the API, the
+//! ingest pipeline and the background services.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use mailqueue_config::Config;
+use sea_orm::DatabaseConnection;
+use tokio::sync::{Notify, RwLock};
+
+use crate::{error::Result, queues::QueueInfo, store::Backend};
+
+/// Cheap to clone; every clone shares the same pool and state.
+#[derive(Clone)]
+pub struct Engine {
+    pub db: DatabaseConnection,
+    pub backend: Backend,
+    config: Arc<RwLock<Arc<Config>>>,
+    queues: Arc<RwLock<Arc<QueueDirectory>>>,
+    events_appended: Arc<Notify>,
+}
+
+/// Queues by name and id, as synced from the configuration.
+#[derive(Debug, Default)]
+pub struct QueueDirectory {
+    pub by_name: HashMap<String, QueueInfo>,
+}
+
+impl QueueDirectory {
+    pub fn by_id(&self, id: i64) -> Option<&QueueInfo> {
+        self.by_name.values().find(|q| q.id == id)
+    }
+}
+
+/// Where a mail arriving on a queue address goes, and with which priority and language.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub queue_id: i64,
+    pub queue: String,
+    pub address: String,
+    pub priority: i32,
+    pub language: String,
+}
+
+impl Engine {
+    /// Connects, migrates, and syncs queues from the configuration.
+    pub async fn start(config: Config) -> Result<Self> {
+        let db = mailqueue_schema::connect(&config.database.url).await?;
+        mailqueue_schema::migrate(&db).await?;
+        Self::with_connection(db, config).await
+    }
+
+    /// Like [`Engine::start`] on an already migrated connection.
+    pub async fn with_connection(db: DatabaseConnection, config: Config) -> Result<Self> {
+        let backend = Backend::of(&db);
+        let engine = Self {
+            db,
+            backend,
+            config: Arc::new(RwLock::new(Arc::new(config))),
+            queues: Arc::default(),
+            events_appended: Arc::default(),
+        };
+        engine.sync_queues().await?;
+        Ok(engine)
+    }
+
+    pub async fn config(&self) -> Arc<Config> {
+        self.config.read().await.clone()
+    }
+
+    pub async fn queues(&self) -> Arc<QueueDirectory> {
+        self.queues.read().await.clone()
+    }
+
+    /// Upserts the configured queues, disables the others, and refreshes the directory.
+    pub async fn sync_queues(&self) -> Result<()> {
+        let config = self.config().await;
+        let dir = crate::queues::sync(&self.db, &config).await?;
+        *self.queues.write().await = Arc::new(dir);
+        Ok(())
+    }
+
+    /// The route for mail arriving on `address` (a configured queue address): the address's priority and
+    /// language, else the queue's, else the defaults.
+    pub async fn route(&self, address: &str) -> Option<Route> {
+        let config = self.config().await;
+        let (queue, addr) = config.address(address)?;
+        let dir = self.queues().await;
+        let info = dir.by_name.get(&queue.name)?;
+        Some(Route {
+            queue_id: info.id,
+            queue: queue.name.clone(),
+            address: addr.address.to_string(),
+            priority: addr.priority.unwrap_or(queue.priority),
+            language: addr
+                .language
+                .as_ref()
+                .or(queue.language.as_ref())
+                .unwrap_or(&config.defaults.language)
+                .to_string(),
+        })
+    }
+
+    /// The configured claim lease.
+    pub async fn claim_lease(&self) -> Duration {
+        self.config().await.defaults.claim_lease.0
+    }
+
+    /// Wakes event long-pollers; call after committing a transaction that appended events.
+    pub fn events_appended(&self) {
+        self.events_appended.notify_waiters();
+    }
+
+    /// Resolves when events may have been appended (or spuriously); used by long polls.
+    pub fn events_notify(&self) -> &Notify {
+        &self.events_appended
+    }
+}

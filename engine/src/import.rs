@@ -1,0 +1,1 @@
+//! `mailqueue import`: feeds `.eml` files, Maildir folders and mbox files through the ingest pipeline.

@@ -1,0 +1,223 @@
+//! SQL of the `contacts` table.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mailqueue_schema::entity::contact;
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Value};
+
+use super::{placeholders, stmt, Backend};
+
+/// Fields of a new contact.
+#[derive(Debug, Clone)]
+pub struct NewContact {
+    pub queue_id: i64,
+    pub priority: i32,
+    pub language: String,
+    pub arrived_on: String,
+    pub customer_address: Option<String>,
+    pub customer_name: Option<String>,
+    pub subject: Option<String>,
+    pub queued_at: DateTime<Utc>,
+}
+
+pub async fn insert(db: &impl ConnectionTrait, c: NewContact) -> Result<contact::Model, DbErr> {
+    let now = Utc::now();
+    one(
+        db,
+        "INSERT INTO contacts (queue_id, state, priority, language, arrived_on, customer_address, customer_name, \
+         subject, queued_at, created_at, updated_at) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
+        [
+            c.queue_id.into(),
+            c.priority.into(),
+            c.language.into(),
+            c.arrived_on.into(),
+            c.customer_address.into(),
+            c.customer_name.into(),
+            c.subject.into(),
+            c.queued_at.into(),
+            now.into(),
+        ],
+    )
+    .await?
+    .ok_or_else(|| DbErr::RecordNotInserted)
+}
+
+pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<contact::Model>, DbErr> {
+    contact::Entity::find_by_id(id).one(db).await
+}
+
+/// What `claim_next` may take.
+#[derive(Debug, Clone)]
+pub struct ClaimFilter<'a> {
+    pub queue_ids: &'a [i64],
+    /// Empty means any language.
+    pub languages: &'a [String],
+}
+
+/// Claims the waiting contact with the lowest priority value, then the oldest, in one statement.
+///
+/// PostgreSQL: `id = (SELECT … FOR UPDATE SKIP LOCKED)` runs the subquery once (an InitPlan); `IN (SELECT …)`
+/// may re-run it per row and claim many rows (see shared notes). SQLite runs one writer at a time, so the
+/// statement is atomic without row locks.
+pub async fn claim_next(
+    db: &impl ConnectionTrait,
+    filter: &ClaimFilter<'_>,
+    agent: &str,
+    lease: Duration,
+) -> Result<Option<contact::Model>, DbErr> {
+    if filter.queue_ids.is_empty() {
+        return Ok(None);
+    }
+    let now = Utc::now();
+    let mut values: Vec<Value> = vec![agent.into(), now.into(), expiry(now, lease).into()];
+    let queues = placeholders(values.len() + 1, filter.queue_ids.len());
+    values.extend(filter.queue_ids.iter().map(|&id| Value::from(id)));
+    let language = if filter.languages.is_empty() {
+        String::new()
+    } else {
+        let p = placeholders(values.len() + 1, filter.languages.len());
+        values.extend(filter.languages.iter().map(|l| Value::from(l.clone())));
+        format!(" AND language IN ({p})")
+    };
+    let lock = match Backend::of(db) {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let sql = format!(
+        "UPDATE contacts SET state = 'claimed', claimed_by = $1, claimed_at = $2, lease_expires_at = $3, updated_at = $2 \
+         WHERE id = (SELECT id FROM contacts WHERE state = 'queued' AND queue_id IN ({queues}){language} \
+         ORDER BY priority, queued_at, id LIMIT 1{lock}) RETURNING *"
+    );
+    let rows = contact::Entity::find().from_raw_sql(stmt(db, &sql, values)).all(db).await?;
+    if rows.len() > 1 {
+        return Err(DbErr::Custom(format!("claim_next updated {} rows; expected at most one", rows.len())));
+    }
+    Ok(rows.into_iter().next())
+}
+
+/// Claims a specific waiting contact for `agent` (router assignment).
+pub async fn assign(
+    db: &impl ConnectionTrait,
+    id: i64,
+    agent: &str,
+    lease: Duration,
+) -> Result<Option<contact::Model>, DbErr> {
+    let now = Utc::now();
+    one(
+        db,
+        "UPDATE contacts SET state = 'claimed', claimed_by = $2, claimed_at = $3, lease_expires_at = $4, updated_at = $3 \
+         WHERE id = $1 AND state = 'queued' RETURNING *",
+        [id.into(), agent.into(), now.into(), expiry(now, lease).into()],
+    )
+    .await
+}
+
+/// Extends the lease of a contact claimed by `agent`.
+pub async fn heartbeat(
+    db: &impl ConnectionTrait,
+    id: i64,
+    agent: &str,
+    lease: Duration,
+) -> Result<Option<contact::Model>, DbErr> {
+    let now = Utc::now();
+    one(
+        db,
+        "UPDATE contacts SET lease_expires_at = $3, updated_at = $4 WHERE id = $1 AND state = 'claimed' AND claimed_by = $2 RETURNING *",
+        [id.into(), agent.into(), expiry(now, lease).into(), now.into()],
+    )
+    .await
+}
+
+/// Puts a claimed contact back in its queue, keeping its age. `holder` restricts to the claiming agent.
+pub async fn release(db: &impl ConnectionTrait, id: i64, holder: Option<&str>) -> Result<Option<contact::Model>, DbErr> {
+    one(
+        db,
+        "UPDATE contacts SET state = 'queued', claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND state = 'claimed' AND ($2 IS NULL OR claimed_by = $2) RETURNING *",
+        [id.into(), holder.map(str::to_owned).into(), Utc::now().into()],
+    )
+    .await
+}
+
+/// Moves an open contact to another queue with that queue's priority and language; it waits there, keeping its age.
+pub async fn transfer(
+    db: &impl ConnectionTrait,
+    id: i64,
+    holder: Option<&str>,
+    queue_id: i64,
+    priority: i32,
+    language: &str,
+) -> Result<Option<contact::Model>, DbErr> {
+    one(
+        db,
+        "UPDATE contacts SET queue_id = $3, priority = $4, language = $5, state = 'queued', claimed_by = NULL, \
+         claimed_at = NULL, lease_expires_at = NULL, updated_at = $6 \
+         WHERE id = $1 AND state <> 'closed' AND ($2 IS NULL OR (state = 'claimed' AND claimed_by = $2)) RETURNING *",
+        [id.into(), holder.map(str::to_owned).into(), queue_id.into(), priority.into(), language.into(), Utc::now().into()],
+    )
+    .await
+}
+
+/// Closes an open contact. `holder` restricts to the claiming agent.
+pub async fn close(db: &impl ConnectionTrait, id: i64, holder: Option<&str>) -> Result<Option<contact::Model>, DbErr> {
+    let now = Utc::now();
+    one(
+        db,
+        "UPDATE contacts SET state = 'closed', closed_at = $3, claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND state <> 'closed' AND ($2 IS NULL OR (state = 'claimed' AND claimed_by = $2)) RETURNING *",
+        [id.into(), holder.map(str::to_owned).into(), now.into()],
+    )
+    .await
+}
+
+/// Re-opens a closed contact; its wait starts now.
+pub async fn reopen(db: &impl ConnectionTrait, id: i64) -> Result<Option<contact::Model>, DbErr> {
+    let now = Utc::now();
+    one(
+        db,
+        "UPDATE contacts SET state = 'queued', closed_at = NULL, queued_at = $2, updated_at = $2 WHERE id = $1 AND state = 'closed' RETURNING *",
+        [id.into(), now.into()],
+    )
+    .await
+}
+
+/// Contacts whose lease expired before `now` (to name their former holders in events).
+pub async fn expired(db: &impl ConnectionTrait, now: DateTime<Utc>, limit: u64) -> Result<Vec<contact::Model>, DbErr> {
+    contact::Entity::find()
+        .from_raw_sql(stmt(
+            db,
+            "SELECT * FROM contacts WHERE state = 'claimed' AND lease_expires_at < $1 ORDER BY lease_expires_at LIMIT $2",
+            [now.into(), (limit as i64).into()],
+        ))
+        .all(db)
+        .await
+}
+
+/// Returns one expired contact to its queue, if it is still expired and held by `holder`.
+pub async fn rescue_one(
+    db: &impl ConnectionTrait,
+    id: i64,
+    holder: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<contact::Model>, DbErr> {
+    one(
+        db,
+        "UPDATE contacts SET state = 'queued', claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND state = 'claimed' AND claimed_by = $2 AND lease_expires_at < $3 RETURNING *",
+        [id.into(), holder.into(), now.into()],
+    )
+    .await
+}
+
+async fn one<const N: usize>(
+    db: &impl ConnectionTrait,
+    sql: &str,
+    values: [Value; N],
+) -> Result<Option<contact::Model>, DbErr> {
+    contact::Entity::find().from_raw_sql(stmt(db, sql, values)).one(db).await
+}
+
+fn expiry(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::minutes(5))
+}

@@ -1,0 +1,79 @@
+//! SQL of the `events` table.
+//!
+//! Writers insert rows with `seq` NULL inside their own transaction. `sequence` numbers committed rows in id
+//! order, one sequencer at a time (an advisory lock on PostgreSQL, the write lock on SQLite), so sequence numbers
+//! grow in the order rows became visible: a reader that resumes after `seq` N can never miss a row that committed
+//! late with a smaller id.
+
+use chrono::Utc;
+use mailqueue_schema::entity::event;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
+
+use super::{begin_write, stmt, Backend};
+
+/// A new event row.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    pub kind: &'a str,
+    pub contact_id: Option<i64>,
+    pub queue: Option<&'a str>,
+    pub actor: Option<&'a str>,
+    pub data: serde_json::Value,
+}
+
+pub async fn insert(db: &impl ConnectionTrait, e: NewEvent<'_>) -> Result<(), DbErr> {
+    db.execute_raw(stmt(
+        db,
+        "INSERT INTO events (kind, contact_id, queue, actor, data, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            e.kind.into(),
+            e.contact_id.into(),
+            e.queue.map(str::to_owned).into(),
+            e.actor.map(str::to_owned).into(),
+            e.data.into(),
+            Utc::now().into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+const SEQUENCE_SQL: &str = "WITH todo AS (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS rn FROM events WHERE seq IS NULL), \
+     base AS (SELECT COALESCE(MAX(seq), 0) AS m FROM events) \
+     UPDATE events SET seq = base.m + todo.rn FROM todo, base WHERE events.id = todo.id";
+
+/// Numbers every committed, unnumbered event. Returns how many were numbered.
+pub async fn sequence(db: &DatabaseConnection) -> Result<u64, DbErr> {
+    let txn = begin_write(db).await?;
+    if Backend::of(&txn) == Backend::Postgres {
+        // A separate statement, so the UPDATE's snapshot sees the previous sequencer's commit.
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7355608002)").await?;
+    }
+    let n = txn.execute_unprepared(SEQUENCE_SQL).await?.rows_affected();
+    txn.commit().await?;
+    Ok(n)
+}
+
+/// Whether any committed event still awaits its sequence number.
+pub async fn has_unsequenced(db: &DatabaseConnection) -> Result<bool, DbErr> {
+    let row = db.query_one_raw(stmt(db, "SELECT 1 AS x FROM events WHERE seq IS NULL LIMIT 1", [])).await?;
+    Ok(row.is_some())
+}
+
+/// Sequenced events after `after`, in order, at most `limit`.
+pub async fn after(db: &DatabaseConnection, after: i64, limit: u64) -> Result<Vec<event::Model>, DbErr> {
+    event::Entity::find()
+        .from_raw_sql(stmt(
+            db,
+            "SELECT * FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            [after.into(), (limit as i64).into()],
+        ))
+        .all(db)
+        .await
+}
+
+/// The highest sequence number handed out so far (0 when none).
+pub async fn last_seq(db: &DatabaseConnection) -> Result<i64, DbErr> {
+    let row = db.query_one_raw(stmt(db, "SELECT COALESCE(MAX(seq), 0) AS m FROM events", [])).await?;
+    Ok(row.map(|r| r.try_get::<i64>("", "m")).transpose()?.unwrap_or(0))
+}

@@ -1,0 +1,132 @@
+//! Test harness for mailqueue's integration tests: an isolated database per test (a fresh PostgreSQL database
+//! or a SQLite file in a temp dir), an engine over it, and the HTTP API on a random port.
+//!
+//! PostgreSQL is reached at `MQ_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); each test
+//! creates its own database `mq_test_<uuid>`.
+
+use std::path::Path;
+
+use mailqueue_config::Config;
+use mailqueue_engine::Engine;
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Postgres,
+    Sqlite,
+}
+
+/// An isolated, empty database that lives as long as this value.
+pub struct TestDb {
+    pub kind: Kind,
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("MQ_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl TestDb {
+    pub async fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("mailqueue.db").display());
+                Self { kind, url, _dir: Some(dir) }
+            }
+            Kind::Postgres => {
+                let admin = pg_admin_url();
+                let name = format!("mq_test_{}", uuid::Uuid::new_v4().simple());
+                let db = sea_orm::Database::connect(&admin).await.unwrap_or_else(|e| {
+                    panic!("PostgreSQL at {admin} is not reachable ({e}); start it or set MQ_TEST_PG_URL")
+                });
+                use sea_orm::ConnectionTrait;
+                db.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+                let _ = db.close().await;
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+                Self { kind, url: format!("{base}/{name}"), _dir: None }
+            }
+        }
+    }
+}
+
+/// A test configuration: queues `support` (priority 5, en; addresses support@ p3/de and help@), `sales`
+/// (priority 1, fr) and `vip` (priority 0); tokens for agents alice (support; en, de), bob (sales), carol (all
+/// three queues), a router and an admin. Every token's secret is `<name>-token`.
+pub fn config_yaml(db_url: &str) -> String {
+    format!(
+        r#"database: {{ url: "{db_url}" }}
+api:
+  listen: "127.0.0.1:0"
+  tokens:
+    - {{ name: alice, role: agent, secret: alice-token, queues: [support], languages: [en, de] }}
+    - {{ name: bob, role: agent, secret: bob-token, queues: [sales] }}
+    - {{ name: carol, role: agent, secret: carol-token, queues: [support, sales, vip] }}
+    - {{ name: router, role: router, secret: router-token }}
+    - {{ name: admin, role: admin, secret: admin-token }}
+defaults: {{ language: en, poll_interval: 30s, max_email_size_mb: 1, claim_lease: 5m }}
+incoming_servers:
+  - name: m365
+    login_address: "https://login.microsoftonline.com/contoso.onmicrosoft.com"
+    auth: oauth_service
+    client_id: "00000000-0000-0000-0000-000000000000"
+    client_secret: not-a-real-secret
+    imap: {{ host: outlook.office365.com, port: 993, tls: implicit }}
+queues:
+  - name: support
+    priority: 5
+    language: en
+    addresses:
+      - {{ address: support@contoso.com, server: m365, priority: 3, language: de, sender: true }}
+      - {{ address: help@contoso.com, server: m365, sender: true }}
+  - name: sales
+    priority: 1
+    language: fr
+    addresses:
+      - {{ address: sales@contoso.com, server: m365, sender: true }}
+  - name: vip
+    priority: 0
+    addresses:
+      - {{ address: vip@contoso.com, server: m365, sender: true }}
+"#
+    )
+}
+
+/// Parses a configuration text as `mailqueue serve` would.
+pub fn parse_config(yaml: &str) -> Config {
+    mailqueue_config::load_str(Path::new("test.yaml"), yaml).unwrap_or_else(|e| panic!("test config invalid:\n{e}")).config
+}
+
+/// A migrated engine over a fresh database with [`config_yaml`].
+pub async fn engine(kind: Kind) -> (Engine, TestDb) {
+    let db = TestDb::new(kind).await;
+    let engine = Engine::start(parse_config(&config_yaml(&db.url))).await.expect("engine starts");
+    (engine, db)
+}
+
+/// A small RFC 822 mail.
+pub fn mail(from: &str, to: &str, subject: &str, message_id: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: Customer <{from}>\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{message_id}>\r\n\
+         Date: Sat, 21 Nov 2026 08:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Defines `mod $name { postgres, sqlite }` tests that each call `$body(Kind)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident => $body:path;)*) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                $body($crate::Kind::Postgres).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                $body($crate::Kind::Sqlite).await
+            }
+        }
+    )*};
+}
