@@ -114,18 +114,18 @@ pub fn mail(from: &str, to: &str, subject: &str, message_id: &str, body: &str) -
     .into_bytes()
 }
 
-/// Defines `mod $name { postgres, sqlite }` tests that each call `$body(Kind)`.
+/// Defines `mod $name { postgres, sqlite }` tests that each call the function `$body(Kind)` of the calling module.
 #[macro_export]
 macro_rules! both_backends {
-    ($($name:ident => $body:path;)*) => {$(
+    ($($name:ident => $body:ident;)*) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn postgres() {
-                $body($crate::Kind::Postgres).await
+                super::$body($crate::Kind::Postgres).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn sqlite() {
-                $body($crate::Kind::Sqlite).await
+                super::$body($crate::Kind::Sqlite).await
             }
         }
     )*};
