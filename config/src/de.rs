@@ -8,8 +8,8 @@
 use std::{collections::HashSet, fmt};
 
 use serde::de::{
-    self, DeserializeOwned, DeserializeSeed, EnumAccess, IntoDeserializer, MapAccess, SeqAccess, Unexpected,
-    VariantAccess, Visitor,
+    self, DeserializeOwned, DeserializeSeed, EnumAccess, IntoDeserializer, MapAccess, SeqAccess,
+    Unexpected, VariantAccess, Visitor,
 };
 
 use crate::tree::{Doc, Kind, Node};
@@ -32,10 +32,18 @@ impl std::error::Error for Error {}
 
 impl de::Error for Error {
     fn custom<T: fmt::Display>(msg: T) -> Self {
-        Self { msg: msg.to_string(), node: None, missing: None }
+        Self {
+            msg: msg.to_string(),
+            node: None,
+            missing: None,
+        }
     }
     fn missing_field(field: &'static str) -> Self {
-        Self { msg: format!("missing required key `{field}`"), node: None, missing: Some(field) }
+        Self {
+            msg: format!("missing required key `{field}`"),
+            node: None,
+            missing: Some(field),
+        }
     }
 }
 
@@ -60,28 +68,48 @@ pub(crate) fn from_tree<T: DeserializeOwned>(doc: &Doc) -> Typed<T> {
     let mut poisoned = HashSet::new();
     let mut errors = Vec::new();
     loop {
-        let err = match T::deserialize(NodeDe { node: &doc.root, poisoned: &poisoned }) {
-            Ok(value) => return Typed { value: Some(value), errors, poisoned },
+        let err = match T::deserialize(NodeDe {
+            node: &doc.root,
+            poisoned: &poisoned,
+        }) {
+            Ok(value) => {
+                return Typed {
+                    value: Some(value),
+                    errors,
+                    poisoned,
+                };
+            }
             Err(e) => e,
         };
-        let id = err.node.unwrap_or(doc.root.id);
-        let caused_by_poison = err.missing.is_some_and(|field| entry_poisoned(doc, id, field, &poisoned));
-        if !caused_by_poison {
+        let mut id = err.node.unwrap_or(doc.root.id);
+        let caused_by_poison = err
+            .missing
+            .is_some_and(|field| entry_poisoned(doc, id, field, &poisoned));
+        if !caused_by_poison && !poisoned.contains(&id) {
             errors.push((id, err.msg));
         }
-        // Each round poisons one more node, so this ends; the root cannot be skipped.
-        if id == doc.root.id || !poisoned.insert(id) {
-            return Typed { value: None, errors, poisoned };
+        // A node that fails although already skipped (e.g. an enum's only entry) takes its parent with it.
+        while poisoned.contains(&id) && id != doc.root.id {
+            id = doc.parent(id);
         }
+        // Each round poisons one more node, so this ends; the root cannot be skipped.
+        if id == doc.root.id {
+            return Typed {
+                value: None,
+                errors,
+                poisoned,
+            };
+        }
+        poisoned.insert(id);
     }
 }
 
 /// Whether the mapping `map_id` has a `field` entry that was skipped.
 fn entry_poisoned(doc: &Doc, map_id: usize, field: &str, poisoned: &HashSet<usize>) -> bool {
     doc.node(map_id).is_some_and(|m| {
-        m.entries()
-            .iter()
-            .any(|(k, v)| k.text() == Some(field) && (poisoned.contains(&k.id) || poisoned.contains(&v.id)))
+        m.entries().iter().any(|(k, v)| {
+            k.text() == Some(field) && (poisoned.contains(&k.id) || poisoned.contains(&v.id))
+        })
     })
 }
 
@@ -94,12 +122,15 @@ struct NodeDe<'a> {
 
 impl<'a> NodeDe<'a> {
     fn child(&self, node: &'a Node) -> Self {
-        Self { node, poisoned: self.poisoned }
+        Self {
+            node,
+            poisoned: self.poisoned,
+        }
     }
 
     fn unexpected(&self) -> Unexpected<'_> {
         match &self.node.kind {
-            Kind::Null => Unexpected::Unit,
+            Kind::Null => Unexpected::Other("null"),
             Kind::Bool(b) => Unexpected::Bool(*b),
             Kind::I64(v) => Unexpected::Signed(*v),
             Kind::U64(v) => Unexpected::Unsigned(*v),
@@ -115,8 +146,16 @@ impl<'a> NodeDe<'a> {
     }
 
     fn seq(&self) -> SeqDe<'a> {
-        let items = self.node.items().iter().filter(|n| !self.poisoned.contains(&n.id)).collect::<Vec<_>>();
-        SeqDe { items: items.into_iter(), de: *self }
+        let items = self
+            .node
+            .items()
+            .iter()
+            .filter(|n| !self.poisoned.contains(&n.id))
+            .collect::<Vec<_>>();
+        SeqDe {
+            items: items.into_iter(),
+            de: *self,
+        }
     }
 
     fn map(&self) -> MapDe<'a> {
@@ -126,7 +165,11 @@ impl<'a> NodeDe<'a> {
             .iter()
             .filter(|(k, v)| !self.poisoned.contains(&k.id) && !self.poisoned.contains(&v.id))
             .collect::<Vec<_>>();
-        MapDe { entries: entries.into_iter(), value: None, de: *self }
+        MapDe {
+            entries: entries.into_iter(),
+            value: None,
+            de: *self,
+        }
     }
 }
 
@@ -188,11 +231,19 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
         .map_err(at(self.node))
     }
 
-    fn deserialize_unit_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         self.deserialize_unit(visitor)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         visitor.visit_newtype_struct(self).map_err(at(self.node))
     }
 
@@ -245,7 +296,10 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
             Kind::Str(s) => visitor.visit_enum(s.as_str().into_deserializer()),
             Kind::Map(entries) if entries.len() == 1 => {
                 let (key, value) = &entries[0];
-                visitor.visit_enum(EnumDe { key: self.child(key), value: self.child(value) })
+                visitor.visit_enum(EnumDe {
+                    key: self.child(key),
+                    value: self.child(value),
+                })
             }
             _ => self.invalid(&visitor),
         }
@@ -268,9 +322,15 @@ struct SeqDe<'a> {
 
 impl<'de> SeqAccess<'de> for SeqDe<'de> {
     type Error = Error;
-    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, Error> {
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Error> {
         match self.items.next() {
-            Some(node) => seed.deserialize(self.de.child(node)).map(Some).map_err(at(node)),
+            Some(node) => seed
+                .deserialize(self.de.child(node))
+                .map(Some)
+                .map_err(at(node)),
             None => Ok(None),
         }
     }
@@ -287,13 +347,23 @@ struct MapDe<'a> {
 
 impl<'de> MapAccess<'de> for MapDe<'de> {
     type Error = Error;
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
-        let Some((key, value)) = self.entries.next() else { return Ok(None) };
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
+        let Some((key, value)) = self.entries.next() else {
+            return Ok(None);
+        };
         self.value = Some(value);
-        seed.deserialize(self.de.child(key)).map(Some).map_err(at(key))
+        seed.deserialize(self.de.child(key))
+            .map(Some)
+            .map_err(at(key))
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
-        let value = self.value.take().expect("serde asks for a value after its key");
+        let value = self
+            .value
+            .take()
+            .expect("serde asks for a value after its key");
         seed.deserialize(self.de.child(value)).map_err(at(value))
     }
 }
@@ -306,7 +376,10 @@ struct EnumDe<'a> {
 impl<'de> EnumAccess<'de> for EnumDe<'de> {
     type Error = Error;
     type Variant = NodeDe<'de>;
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, NodeDe<'de>), Error> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, NodeDe<'de>), Error> {
         let variant = seed.deserialize(self.key).map_err(at(self.key.node))?;
         Ok((variant, self.value))
     }
@@ -323,7 +396,11 @@ impl<'de> VariantAccess<'de> for NodeDe<'de> {
     fn tuple_variant<V: Visitor<'de>>(self, _: usize, visitor: V) -> Result<V::Value, Error> {
         de::Deserializer::deserialize_seq(self, visitor)
     }
-    fn struct_variant<V: Visitor<'de>>(self, _: &'static [&'static str], visitor: V) -> Result<V::Value, Error> {
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         de::Deserializer::deserialize_map(self, visitor)
     }
 }

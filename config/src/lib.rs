@@ -28,7 +28,14 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -58,7 +65,12 @@ pub struct Loaded {
 /// Reads, parses, resolves secrets of, and validates a configuration file.
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![Diagnostic { file: path.into(), line: 0, column: 0, message: format!("cannot read: {e}") }])
+        ConfigErrors(vec![Diagnostic {
+            file: path.into(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        }])
     })?;
     load_str(path, &text)
 }
@@ -70,9 +82,19 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 /// returned together, sorted by position.
 pub fn load_str(path: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
     let diagnostics = |problems: Vec<Problem>| to_diagnostics(path, problems);
-    let doc = tree::parse(text).map_err(|p| ConfigErrors(diagnostics(p)))?;
+    let (doc, duplicates) = tree::parse(text).map_err(|p| ConfigErrors(diagnostics(p)))?;
+    if matches!(doc.root.kind, tree::Kind::Null) {
+        let problem = (
+            tree::Pos { line: 1, column: 1 },
+            "the file is empty; expected at least `incoming_servers` and `queues`".into(),
+        );
+        return Err(ConfigErrors(diagnostics(vec![problem])));
+    }
     let typed = de::from_tree::<Config>(&doc);
-    let mut findings = validate::Findings::default();
+    let mut findings = validate::Findings {
+        errors: duplicates,
+        warnings: Vec::new(),
+    };
     for (id, msg) in &typed.errors {
         let pos = doc.node(*id).map_or(doc.root.pos, |n| n.pos);
         findings.error(pos, type_message(doc.path(*id), msg));
@@ -80,13 +102,25 @@ pub fn load_str(path: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
     let Some(mut config) = typed.value else {
         return Err(ConfigErrors(diagnostics(findings.errors)));
     };
-    let base_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    secrets::resolve(&mut config, &doc.root, &typed.poisoned, base_dir, &mut findings);
+    let base_dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    secrets::resolve(
+        &mut config,
+        &doc.root,
+        &typed.poisoned,
+        base_dir,
+        &mut findings,
+    );
     validate::validate(&config, &doc.root, &typed.poisoned, &mut findings);
     if !findings.errors.is_empty() {
         return Err(ConfigErrors(diagnostics(findings.errors)));
     }
-    Ok(Loaded { config, warnings: diagnostics(findings.warnings) })
+    Ok(Loaded {
+        config,
+        warnings: diagnostics(findings.warnings),
+    })
 }
 
 fn to_diagnostics(path: &Path, mut problems: Vec<Problem>) -> Vec<Diagnostic> {
@@ -94,13 +128,22 @@ fn to_diagnostics(path: &Path, mut problems: Vec<Problem>) -> Vec<Diagnostic> {
     problems.dedup();
     problems
         .into_iter()
-        .map(|(pos, message)| Diagnostic { file: path.into(), line: pos.line, column: pos.column, message })
+        .map(|(pos, message)| Diagnostic {
+            file: path.into(),
+            line: pos.line,
+            column: pos.column,
+            message,
+        })
         .collect()
 }
 
 /// serde's wording, prefixed with the key path and phrased for people who write YAML, not Rust.
 fn type_message(path: &str, msg: &str) -> String {
-    const WORDS: [(&str, &str); 7] = [
+    const WORDS: [(&str, &str); 9] = [
+        (
+            "expected enum AfterFetch",
+            "expected `seen`, `delete` or `{ move: FOLDER }`",
+        ),
         ("unknown field", "unknown key"),
         ("expected u16", "expected an integer 0..=65535"),
         ("expected u32", "expected a whole number"),
@@ -108,15 +151,27 @@ fn type_message(path: &str, msg: &str) -> String {
         ("expected a sequence", "expected a list"),
         ("invalid type: map", "invalid type: mapping"),
         ("invalid type: sequence", "invalid type: list"),
+        (
+            "invalid type: unit variant, expected newtype variant",
+            "`move` needs a folder: `{ move: FOLDER }`",
+        ),
     ];
-    let mut msg = WORDS.iter().fold(msg.to_string(), |m, (from, to)| m.replace(from, to));
+    let mut msg = WORDS
+        .iter()
+        .fold(msg.to_string(), |m, (from, to)| m.replace(from, to));
     // "expected struct Queue" -> "expected a mapping"
     if let Some(i) = msg.find("expected struct ") {
         let rest = &msg[i + "expected struct ".len()..];
-        let end = rest.find(|c: char| !c.is_alphanumeric()).unwrap_or(rest.len());
+        let end = rest
+            .find(|c: char| !c.is_alphanumeric())
+            .unwrap_or(rest.len());
         msg = format!("{}expected a mapping{}", &msg[..i], &rest[end..]);
     }
-    if path.is_empty() { msg } else { format!("{path}: {msg}") }
+    if path.is_empty() {
+        msg
+    } else {
+        format!("{path}: {msg}")
+    }
 }
 
 /// The JSON Schema of the configuration file.

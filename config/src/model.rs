@@ -32,6 +32,7 @@ pub struct Config {
     pub queues: Vec<Queue>,
 }
 
+/// The database contacts, mails and events are stored in.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
@@ -62,14 +63,17 @@ impl Database {
 
 impl Default for Database {
     fn default() -> Self {
-        Self { url: "sqlite://data/mailqueue.db".into() }
+        Self {
+            url: "sqlite://data/mailqueue.db".into(),
+        }
     }
 }
 
+/// The HTTP queue API used by agents, the router and admins.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Api {
-    /// Address the HTTP API listens on.
+    /// Socket address (IP:PORT) the HTTP API listens on. Default `127.0.0.1:8080`.
     #[serde(default = "default_listen")]
     pub listen: String,
     /// Bearer tokens accepted by the API.
@@ -83,17 +87,22 @@ fn default_listen() -> String {
 
 impl Default for Api {
     fn default() -> Self {
-        Self { listen: default_listen(), tokens: Vec::new() }
+        Self {
+            listen: default_listen(),
+            tokens: Vec::new(),
+        }
     }
 }
 
+/// A bearer token accepted by the API, and what its holder may do.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiToken {
     /// Who uses the token (agent id, service name); shown in events and logs.
     pub name: String,
+    /// What the holder may do.
     pub role: Role,
-    /// The bearer token value.
+    /// The bearer token value; unique per token.
     pub secret: Secret,
     /// Agent tokens: the queues this agent serves. Empty means none (agents) or all (router, admin).
     #[serde(default)]
@@ -103,6 +112,7 @@ pub struct ApiToken {
     pub languages: Vec<LanguageTag>,
 }
 
+/// What an API token's holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -114,6 +124,7 @@ pub enum Role {
     Admin,
 }
 
+/// System-wide defaults.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
@@ -125,6 +136,7 @@ pub struct Defaults {
     pub poll_interval: Interval,
     /// Largest mail accepted, in MB (1..=40); larger mail goes to quarantine.
     #[serde(default = "default_max_size")]
+    #[schemars(range(min = 1, max = 40))]
     pub max_email_size_mb: u32,
     /// How long a claim lasts without a heartbeat before the contact returns to its queue.
     #[serde(default = "default_claim_lease")]
@@ -155,6 +167,7 @@ impl Default for Defaults {
     }
 }
 
+/// How a server obtains OAuth2 access tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthType {
@@ -164,6 +177,7 @@ pub enum AuthType {
     OauthService,
 }
 
+/// An IMAP server with OAuth2 that queue addresses are fetched from.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingServer {
@@ -175,7 +189,9 @@ pub struct IncomingServer {
     /// The whole token endpoint URL (alternative to `login_address`).
     #[serde(default)]
     pub token_endpoint: Option<String>,
+    /// How access tokens are obtained.
     pub auth: AuthType,
+    /// The OAuth2 client (application) id.
     pub client_id: String,
     /// Required for `oauth_service`; not used by `oauth_user`.
     #[serde(default)]
@@ -183,18 +199,23 @@ pub struct IncomingServer {
     /// OAuth scopes; default depends on `auth`.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Where the IMAP server is.
     pub imap: ImapEndpoint,
     /// Extra CA certificate (PEM) to trust, e.g. the local sandbox's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }
 
+/// An IMAP server's address and TLS mode.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImapEndpoint {
+    /// Host name.
     pub host: String,
+    /// Port; default 993.
     #[serde(default = "default_imap_port")]
     pub port: u16,
+    /// TLS mode; default `implicit`.
     #[serde(default)]
     pub tls: ImapTls,
 }
@@ -203,6 +224,7 @@ fn default_imap_port() -> u16 {
     993
 }
 
+/// How an IMAP connection is secured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImapTls {
@@ -213,21 +235,29 @@ pub enum ImapTls {
     Starttls,
 }
 
+/// The SMTP server with OAuth2 that replies are sent through.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutgoingServer {
+    /// Host name.
     pub host: String,
+    /// Port; default 587.
     #[serde(default = "default_smtp_port")]
     pub port: u16,
     /// STARTTLS on a plain connection (587); `false` means implicit TLS (465).
     #[serde(default = "default_true")]
     pub starttls: bool,
+    /// `https://login.microsoftonline.com/<tenant>`; the token endpoint is `<login_address>/oauth2/v2.0/token`.
     #[serde(default)]
     pub login_address: Option<String>,
+    /// The whole token endpoint URL (alternative to `login_address`).
     #[serde(default)]
     pub token_endpoint: Option<String>,
+    /// How access tokens are obtained.
     pub auth: AuthType,
+    /// The OAuth2 client (application) id.
     pub client_id: String,
+    /// Required for `oauth_service`; not used by `oauth_user`.
     #[serde(default)]
     pub client_secret: Option<Secret>,
     /// The mailbox that authenticates (SASL user).
@@ -235,14 +265,17 @@ pub struct OutgoingServer {
     /// Password of `username`; `oauth_user` only.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// OAuth scopes; default `["https://outlook.office.com/.default"]`.
     #[serde(default = "default_smtp_scopes")]
     pub scopes: Vec<String>,
     /// Largest outgoing mail in MB (1..=40).
     #[serde(default = "default_outgoing_max")]
+    #[schemars(range(min = 1, max = 40))]
     pub max_email_size_mb: u32,
     /// Who operators' alerting reaches when sending keeps failing.
     #[serde(default)]
     pub contact_information: Option<String>,
+    /// Extra CA certificate (PEM) to trust, e.g. the local sandbox's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }
@@ -260,6 +293,7 @@ fn default_outgoing_max() -> u32 {
     25
 }
 
+/// A queue of contacts and the mailboxes that feed it.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Queue {
@@ -271,7 +305,7 @@ pub struct Queue {
     /// Queue language; overrides `defaults.language`.
     #[serde(default)]
     pub language: Option<LanguageTag>,
-    /// The mailboxes that feed this queue.
+    /// The mailboxes that feed this queue (at least one).
     pub addresses: Vec<Address>,
 }
 
@@ -279,6 +313,7 @@ fn default_priority() -> i32 {
     5
 }
 
+/// A mailbox that feeds a queue.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
@@ -320,6 +355,7 @@ impl Address {
     }
 }
 
+/// What to do with a mail on the server once it is stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AfterFetch {
@@ -332,6 +368,24 @@ pub enum AfterFetch {
     Move(String),
 }
 
+/// A string, with `expecting` in the type error ("expected a duration", not "expected a string").
+fn string_for<'de, D: Deserializer<'de>>(
+    d: D,
+    expecting: &'static str,
+) -> Result<String, D::Error> {
+    struct V(&'static str);
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+    }
+    d.deserialize_str(V(expecting))
+}
+
 /// An email address, parsed (RFC 5321 mailbox, lower-cased domain).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema)]
 #[serde(transparent)]
@@ -341,8 +395,14 @@ pub struct EmailAddress(#[schemars(with = "String")] String);
 impl EmailAddress {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        if !email_address::EmailAddress::is_valid(s) {
-            return Err(format!("`{s}` is not a valid email address (expected local@domain)"));
+        // A bare mailbox: no display name (`Name <a@b>`), no domain literal (`a@[1.2.3.4]`).
+        let options = email_address::Options::default()
+            .without_display_text()
+            .without_domain_literal();
+        if let Err(e) = email_address::EmailAddress::parse_with_options(s, options) {
+            return Err(format!(
+                "`{s}` is not a valid email address ({e}); expected local@domain"
+            ));
         }
         let (local, domain) = s.rsplit_once('@').expect("valid address has @");
         Ok(Self(format!("{local}@{}", domain.to_ascii_lowercase())))
@@ -365,7 +425,7 @@ impl fmt::Display for EmailAddress {
 
 impl<'de> Deserialize<'de> for EmailAddress {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = string_for(d, "an email address (local@domain)")?;
         Self::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -378,10 +438,12 @@ pub struct LanguageTag(String);
 impl LanguageTag {
     pub fn parse(s: &str) -> Result<Self, String> {
         // `validate` checks the subtags against the IANA registry, so `english` or `xx` are rejected too.
-        let tag = language_tags::LanguageTag::parse(s.trim())
-            .map_err(|e| format!("`{s}` is not a BCP 47 language tag ({e}); expected e.g. `en`, `de-CH`"))?;
-        tag.validate()
-            .map_err(|e| format!("`{s}` is not a valid BCP 47 language tag ({e}); expected e.g. `en`, `de-CH`"))?;
+        let tag = language_tags::LanguageTag::parse(s.trim()).map_err(|e| {
+            format!("`{s}` is not a BCP 47 language tag ({e}); expected e.g. `en`, `de-CH`")
+        })?;
+        tag.validate().map_err(|e| {
+            format!("`{s}` is not a valid BCP 47 language tag ({e}); expected e.g. `en`, `de-CH`")
+        })?;
         Ok(Self(tag.to_string()))
     }
     pub fn as_str(&self) -> &str {
@@ -402,7 +464,7 @@ impl fmt::Display for LanguageTag {
 
 impl<'de> Deserialize<'de> for LanguageTag {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = string_for(d, "a BCP 47 language tag such as `en` or `de-CH`")?;
         Self::parse(&s).map_err(serde::de::Error::custom)
     }
 }
@@ -435,26 +497,24 @@ impl fmt::Display for Interval {
 
 impl<'de> Deserialize<'de> for Interval {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = string_for(d, "a duration such as `30s` or `5m`")?;
         if s.trim_start().starts_with('-') {
-            return Err(serde::de::Error::custom(format!("`{s}` is negative; expected a positive duration such as `30s`")));
+            return Err(serde::de::Error::custom(format!(
+                "`{s}` is negative; expected a positive duration such as `30s`"
+            )));
         }
         Self::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
 /// Where a secret comes from.
-#[derive(Clone, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[derive(Clone, PartialEq, Eq, JsonSchema)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum SecretSource {
     /// `{ env: NAME }`: read from an environment variable.
-    Env {
-        env: String,
-    },
+    Env { env: String },
     /// `{ file: PATH }`: read from a file (trailing newline trimmed); relative to the config file.
-    File {
-        file: PathBuf,
-    },
+    File { file: PathBuf },
     /// A plain string in the file (allowed, but `check-config` warns).
     Inline(String),
 }
@@ -505,16 +565,88 @@ impl fmt::Display for Secret {
     }
 }
 
+const SECRET_EXPECTED: &str = "a secret: `{ env: NAME }`, `{ file: PATH }` or a quoted string";
+
+/// Hand-written rather than `untagged`: precise errors (unknown key, two keys), a missing field stays a
+/// missing field, and no error message ever contains the value.
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SecretSourceVisitor)
+    }
+}
+
+struct SecretSourceVisitor;
+
+impl SecretSourceVisitor {
+    /// For scalars that are not strings; says nothing about the value itself.
+    fn not_a_string<E: serde::de::Error>() -> E {
+        E::custom(format!(
+            "expected {SECRET_EXPECTED} (write an inline secret in quotes)"
+        ))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SecretSourceVisitor {
+    type Value = SecretSource;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(SECRET_EXPECTED)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretSource, E> {
+        Ok(SecretSource::Inline(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<SecretSource, E> {
+        Ok(SecretSource::Inline(v))
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<SecretSource, E> {
+        Err(Self::not_a_string())
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<SecretSource, E> {
+        Err(Self::not_a_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<SecretSource, E> {
+        Err(Self::not_a_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<SecretSource, E> {
+        Err(Self::not_a_string())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
+        use serde::de::Error;
+        let Some(key) = map.next_key::<String>()? else {
+            return Err(A::Error::custom(format!(
+                "empty mapping; expected {SECRET_EXPECTED}"
+            )));
+        };
+        let source = match key.as_str() {
+            "env" => SecretSource::Env {
+                env: map.next_value()?,
+            },
+            "file" => SecretSource::File {
+                file: map.next_value()?,
+            },
+            // Keys are not echoed: `{ s3cr3t }` is a mapping whose key is the secret.
+            _ => {
+                return Err(A::Error::custom(format!(
+                    "unknown key; expected {SECRET_EXPECTED}"
+                )));
+            }
+        };
+        if map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            return Err(A::Error::custom(
+                "a secret takes exactly one key, `env` or `file`",
+            ));
+        }
+        Ok(source)
+    }
+}
+
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // serde's untagged error says only "did not match any variant"; say what is accepted instead
-        // (and never echo the value).
-        let source = SecretSource::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a secret: `{ env: NAME }`, `{ file: PATH }` or a quoted string")
-        })?;
+        let source = SecretSource::deserialize(d)?;
         match &source {
             SecretSource::Env { env } if env.trim().is_empty() => {
-                return Err(serde::de::Error::custom("`env` must name an environment variable"));
+                return Err(serde::de::Error::custom(
+                    "`env` must name an environment variable",
+                ));
             }
             SecretSource::File { file } if file.as_os_str().is_empty() => {
                 return Err(serde::de::Error::custom("`file` must name a file"));
@@ -546,5 +678,93 @@ impl Config {
             .iter()
             .flat_map(|q| q.addresses.iter().map(move |a| (q, a)))
             .find(|(_, a)| a.address.as_str().eq_ignore_ascii_case(address))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_address_parses_and_lowercases_the_domain() {
+        assert_eq!(
+            EmailAddress::parse(" Support@Contoso.COM ")
+                .unwrap()
+                .as_str(),
+            "Support@contoso.com"
+        );
+        for bad in [
+            "",
+            "support",
+            "support@",
+            "@contoso.com",
+            "a b@contoso.com",
+            "Name <a@b.com>",
+        ] {
+            assert!(EmailAddress::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn language_tags_must_be_registered_bcp47() {
+        for good in ["en", "de-CH", "no", "zh-Hant-TW", "gsw"] {
+            assert!(LanguageTag::parse(good).is_ok(), "{good} rejected");
+        }
+        for bad in ["", "english", "xx", "de_CH", "en-", "12"] {
+            let err = LanguageTag::parse(bad).unwrap_err();
+            assert!(err.contains("BCP 47"), "{err}");
+        }
+    }
+
+    #[test]
+    fn intervals_are_positive_durations() {
+        assert_eq!(Interval::parse("30s").unwrap().0, Duration::from_secs(30));
+        assert_eq!(
+            Interval::parse("1h 30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert!(
+            Interval::parse("0s")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
+        assert!(Interval::parse("30").is_err());
+        assert!(Interval::parse("soon").is_err());
+        assert_eq!(Interval::parse("5m").unwrap().to_string(), "5m");
+    }
+
+    #[test]
+    fn secrets_never_show_their_value() {
+        let value = "s3cr3t-value";
+        let secrets = [
+            Secret::new(SecretSource::Inline(value.into()), Some(value.into())),
+            Secret::new(SecretSource::Env { env: "MQ_X".into() }, Some(value.into())),
+            Secret::new(
+                SecretSource::File {
+                    file: "/run/x".into(),
+                },
+                Some(value.into()),
+            ),
+        ];
+        for s in &secrets {
+            let shown = format!(
+                "{s:?} {s} {} {}",
+                s.origin(),
+                serde_json::to_string(s).unwrap()
+            );
+            assert!(!shown.contains(value), "{shown}");
+            assert_eq!(s.expose(), value);
+        }
+        assert_eq!(format!("{:?}", secrets[1]), "Secret(env MQ_X, ***)");
+    }
+
+    #[test]
+    fn database_kind_from_scheme() {
+        let kind = |url: &str| Database { url: url.into() }.kind();
+        assert_eq!(kind("sqlite://data/mq.db"), Some(DatabaseKind::Sqlite));
+        assert_eq!(kind("sqlite::memory:"), Some(DatabaseKind::Sqlite));
+        assert_eq!(kind("postgres://mq@db/mq"), Some(DatabaseKind::Postgres));
+        assert_eq!(kind("postgresql://mq@db/mq"), Some(DatabaseKind::Postgres));
+        assert_eq!(kind("mysql://db"), None);
     }
 }

@@ -7,8 +7,17 @@ impl Config {
     /// 3 API tokens (2 agent, 1 router, 0 admin); database: sqlite`.
     pub fn summary(&self) -> String {
         let addresses = self.queues.iter().map(|q| q.addresses.len()).sum::<usize>();
-        let senders = self.queues.iter().flat_map(|q| &q.addresses).filter(|a| a.sender).count();
-        let servers = self.incoming_servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>();
+        let senders = self
+            .queues
+            .iter()
+            .flat_map(|q| &q.addresses)
+            .filter(|a| a.sender)
+            .count();
+        let servers = self
+            .incoming_servers
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>();
         let outgoing = self
             .outgoing_server
             .as_ref()
@@ -20,7 +29,11 @@ impl Config {
             Some(DatabaseKind::Postgres) => "postgres",
             None => "unknown",
         };
-        let servers = if servers.is_empty() { "none".to_string() } else { servers.join(", ") };
+        let servers = if servers.is_empty() {
+            "none".to_string()
+        } else {
+            servers.join(", ")
+        };
         format!(
             "{}, {} ({}); incoming servers: {servers}; outgoing server: {outgoing}; {} ({} agent, {} router, {} admin); \
              database: {database}",

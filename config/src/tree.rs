@@ -8,7 +8,9 @@
 use std::{collections::HashMap, fmt};
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::{DuplicateKeyPolicy, MessageFormatter, Spanned, UserMessageFormatter, granit_parser};
+use serde_saphyr::{
+    DuplicateKeyPolicy, MessageFormatter, Spanned, UserMessageFormatter, granit_parser,
+};
 
 /// A 1-based line and column; `0:0` when unknown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,12 +56,23 @@ impl Node {
 
     /// The value of `key` in a mapping (first occurrence).
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.entries().iter().find(|(k, _)| k.text() == Some(key)).map(|(_, v)| v)
+        self.entries()
+            .iter()
+            .find(|(k, _)| k.text() == Some(key))
+            .map(|(_, v)| v)
     }
 
     /// The position of `key`'s value, else of this node.
     pub fn pos_of(&self, key: &str) -> Pos {
         self.get(key).map_or(self.pos, |n| n.pos)
+    }
+
+    /// The position of `key` itself, else of this node.
+    pub fn key_pos(&self, key: &str) -> Pos {
+        self.entries()
+            .iter()
+            .find(|(k, _)| k.text() == Some(key))
+            .map_or(self.pos, |(k, _)| k.pos)
     }
 
     pub fn entries(&self) -> &[(Node, Node)] {
@@ -75,37 +88,39 @@ impl Node {
             _ => &[],
         }
     }
-
-    /// Short description for "invalid type" messages.
-    pub fn describe(&self) -> String {
-        match &self.kind {
-            Kind::Null => "null".into(),
-            Kind::Bool(b) => format!("boolean `{b}`"),
-            Kind::I64(_) | Kind::U64(_) => format!("integer `{}`", self.raw),
-            Kind::F64(_) => format!("number `{}`", self.raw),
-            Kind::Str(s) => format!("string {s:?}"),
-            Kind::Seq(_) => "a list".into(),
-            Kind::Map(_) => "a mapping".into(),
-        }
-    }
 }
 
-/// A parsed document: its root and, per node id, the node and its dotted path (`queues[0].name`).
+/// A parsed document: its root and, per node id, its dotted path (`queues[0].name`) and parent.
 pub(crate) struct Doc {
     pub root: Node,
     paths: Vec<String>,
+    parents: Vec<usize>,
 }
 
 impl Doc {
     fn new(root: Node) -> Self {
-        let mut paths = Vec::new();
-        index_paths(&root, String::new(), &mut paths);
-        Self { root, paths }
+        let mut doc = Self {
+            root,
+            paths: Vec::new(),
+            parents: Vec::new(),
+        };
+        let mut index = Vec::new();
+        index_nodes(&doc.root, doc.root.id, String::new(), &mut index);
+        for (id, parent, path) in index {
+            set(&mut doc.paths, id, path);
+            set(&mut doc.parents, id, parent);
+        }
+        doc
     }
 
     /// The dotted path of a node (keys map to their entry's path); empty for the root.
     pub fn path(&self, id: usize) -> &str {
         self.paths.get(id).map_or("", String::as_str)
+    }
+
+    /// The collection a node is in (a key's parent is its mapping); the root is its own parent.
+    pub fn parent(&self, id: usize) -> usize {
+        self.parents.get(id).copied().unwrap_or(self.root.id)
     }
 
     /// The node with this id (ids are pre-order, so this is a walk; documents are small).
@@ -120,68 +135,81 @@ fn find(node: &Node, id: usize) -> Option<&Node> {
     }
     match &node.kind {
         Kind::Seq(items) => items.iter().find_map(|n| find(n, id)),
-        Kind::Map(entries) => entries.iter().find_map(|(k, v)| find(k, id).or_else(|| find(v, id))),
+        Kind::Map(entries) => entries
+            .iter()
+            .find_map(|(k, v)| find(k, id).or_else(|| find(v, id))),
         _ => None,
     }
 }
 
-fn index_paths(node: &Node, path: String, paths: &mut Vec<String>) {
-    set_path(paths, node.id, &path);
+/// Collects (id, parent id, path) for `node` and everything below it.
+fn index_nodes(node: &Node, parent: usize, path: String, out: &mut Vec<(usize, usize, String)>) {
     match &node.kind {
         Kind::Seq(items) => {
             for (i, item) in items.iter().enumerate() {
-                index_paths(item, format!("{path}[{i}]"), paths);
+                index_nodes(item, node.id, format!("{path}[{i}]"), out);
             }
         }
         Kind::Map(entries) => {
             for (k, v) in entries {
                 let key = k.text().unwrap_or("?");
-                let child = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
-                set_path(paths, k.id, &child);
-                index_paths(v, child, paths);
+                let child = if path.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{path}.{key}")
+                };
+                out.push((k.id, node.id, child.clone()));
+                index_nodes(v, node.id, child, out);
             }
         }
         _ => {}
     }
+    out.push((node.id, parent, path));
 }
 
-fn set_path(paths: &mut Vec<String>, id: usize, path: &str) {
-    if paths.len() <= id {
-        paths.resize(id + 1, String::new());
+fn set<T: Clone + Default>(v: &mut Vec<T>, id: usize, value: T) {
+    if v.len() <= id {
+        v.resize(id + 1, T::default());
     }
-    paths[id] = path.to_string();
+    v[id] = value;
 }
 
-/// Parses `text`. Errors: YAML syntax (the parser stops at the first) or duplicate keys (all of them).
-pub(crate) fn parse(text: &str) -> Result<Doc, Vec<Problem>> {
-    let mut problems = duplicate_keys(text);
-    // Duplicates are reported above; FirstWins lets the tree build so the rest can still be checked.
+/// Parses `text` into a tree plus the duplicate keys found (all of them; the first occurrence is kept).
+/// A YAML syntax error stops parsing: it is returned with any duplicates found before it.
+pub(crate) fn parse(text: &str) -> Result<(Doc, Vec<Problem>), Vec<Problem>> {
+    let mut duplicates = duplicate_keys(text);
+    // Duplicates are reported from the scan; FirstWins lets the tree build so the rest can be checked.
     let options = serde_saphyr::options! {
         strict_booleans: true,
         duplicate_keys: DuplicateKeyPolicy::FirstWins,
         with_snippet: false,
     };
     match serde_saphyr::from_str_with_options::<Spanned<Raw>>(text, options) {
-        Ok(raw) if problems.is_empty() => {
+        Ok(raw) => {
             let mut next_id = 0;
-            Ok(Doc::new(convert(raw, text, &mut next_id)))
+            Ok((Doc::new(convert(raw, text, &mut next_id)), duplicates))
         }
-        Ok(_) => Err(problems),
         Err(e) => {
-            problems.push((error_pos(&e), yaml_message(&e)));
-            Err(problems)
+            duplicates.push((error_pos(&e), yaml_message(&e)));
+            Err(duplicates)
         }
     }
 }
 
 fn error_pos(e: &serde_saphyr::Error) -> Pos {
-    e.location().map_or(Pos::default(), |l| Pos { line: l.line() as usize, column: l.column() as usize })
+    e.location().map_or(Pos::default(), |l| Pos {
+        line: l.line() as usize,
+        column: l.column() as usize,
+    })
 }
 
 /// The parser's message without its location suffix or source snippet (a snippet could show a secret).
 fn yaml_message(e: &serde_saphyr::Error) -> String {
     let msg = UserMessageFormatter.format_message(e.without_snippet());
-    let msg: String = msg.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let msg: String = msg
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     format!("invalid YAML: {msg}")
 }
 
@@ -192,7 +220,10 @@ fn duplicate_keys(text: &str) -> Vec<Problem> {
     /// One open collection: for mappings, whether the next node is a key, and the keys seen so far.
     enum Frame {
         Seq,
-        Map { at_key: bool, seen: HashMap<String, usize> },
+        Map {
+            at_key: bool,
+            seen: HashMap<String, usize>,
+        },
     }
     let mut stack: Vec<Frame> = Vec::new();
     let mut problems = Vec::new();
@@ -211,12 +242,18 @@ fn duplicate_keys(text: &str) -> Vec<Problem> {
     };
     for event in Parser::new_from_str(text) {
         let Ok((event, span)) = event else { break }; // syntax errors are reported by serde-saphyr
-        let pos = Pos { line: span.start.line(), column: span.start.col() + 1 };
+        let pos = Pos {
+            line: span.start.line(),
+            column: span.start.col() + 1,
+        };
         match event {
             Event::Scalar(value, ..) => done(&mut stack, Some((&value, pos))),
             Event::Alias(_) => done(&mut stack, None),
             Event::SequenceStart(..) => stack.push(Frame::Seq),
-            Event::MappingStart(..) => stack.push(Frame::Map { at_key: true, seen: HashMap::new() }),
+            Event::MappingStart(..) => stack.push(Frame::Map {
+                at_key: true,
+                seen: HashMap::new(),
+            }),
             Event::SequenceEnd | Event::MappingEnd => {
                 stack.pop();
                 done(&mut stack, None);
@@ -299,7 +336,10 @@ fn convert(raw: Spanned<Raw>, text: &str, next_id: &mut usize) -> Node {
     let id = *next_id;
     *next_id += 1;
     let at = raw.referenced;
-    let pos = Pos { line: at.line() as usize, column: at.column() as usize };
+    let pos = Pos {
+        line: at.line() as usize,
+        column: at.column() as usize,
+    };
     // The source text of the *definition* (an alias's use site would read `*name`).
     let span = raw.defined.span();
     let source = span
@@ -314,7 +354,15 @@ fn convert(raw: Spanned<Raw>, text: &str, next_id: &mut usize) -> Node {
         Raw::U64(v) => (Kind::U64(v), or_format(source, v)),
         Raw::F64(v) => (Kind::F64(v), or_format(source, v)),
         Raw::Str(s) => (Kind::Str(s), String::new()),
-        Raw::Seq(items) => (Kind::Seq(items.into_iter().map(|n| convert(n, text, next_id)).collect()), String::new()),
+        Raw::Seq(items) => (
+            Kind::Seq(
+                items
+                    .into_iter()
+                    .map(|n| convert(n, text, next_id))
+                    .collect(),
+            ),
+            String::new(),
+        ),
         Raw::Map(entries) => {
             let entries = entries
                 .into_iter()
@@ -326,19 +374,34 @@ fn convert(raw: Spanned<Raw>, text: &str, next_id: &mut usize) -> Node {
             (Kind::Map(entries), String::new())
         }
     };
-    Node { id, pos, kind, raw: raw_text }
+    Node {
+        id,
+        pos,
+        kind,
+        raw: raw_text,
+    }
 }
 
 /// The scalar as written if the source slice looks like it, else the parsed value printed.
 fn or_format(source: &str, value: impl fmt::Display) -> String {
     let s = source.trim();
-    if s.is_empty() || s.starts_with('*') || s.contains('\n') { value.to_string() } else { s.to_string() }
+    if s.is_empty() || s.starts_with('*') || s.contains('\n') {
+        value.to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 /// The elements of a list node that made it into the typed value (poisoned ones were dropped), so
 /// `kept(..)[i]` is the node of the typed list's element `i`.
-pub(crate) fn kept<'a>(list: Option<&'a Node>, poisoned: &std::collections::HashSet<usize>) -> Vec<&'a Node> {
-    list.map_or(&[][..], Node::items).iter().filter(|n| !poisoned.contains(&n.id)).collect()
+pub(crate) fn kept<'a>(
+    list: Option<&'a Node>,
+    poisoned: &std::collections::HashSet<usize>,
+) -> Vec<&'a Node> {
+    list.map_or(&[][..], Node::items)
+        .iter()
+        .filter(|n| !poisoned.contains(&n.id))
+        .collect()
 }
 
 /// Pairs typed list elements with their nodes; `fallback` (the parent) if the tree has fewer.
@@ -347,5 +410,7 @@ pub(crate) fn pair<'a, T>(
     nodes: Vec<&'a Node>,
     fallback: &'a Node,
 ) -> impl Iterator<Item = (T, &'a Node)> {
-    items.into_iter().zip(nodes.into_iter().chain(std::iter::repeat(fallback)))
+    items
+        .into_iter()
+        .zip(nodes.into_iter().chain(std::iter::repeat(fallback)))
 }
