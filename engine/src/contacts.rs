@@ -45,7 +45,10 @@ impl Contact {
     pub fn from_model(m: contact::Model, dir: &QueueDirectory) -> Self {
         Self {
             id: m.id,
-            queue: dir.by_id(m.queue_id).map(|q| q.name.clone()).unwrap_or_else(|| format!("#{}", m.queue_id)),
+            queue: dir
+                .by_id(m.queue_id)
+                .map(|q| q.name.clone())
+                .unwrap_or_else(|| format!("#{}", m.queue_id)),
             state: m.state,
             priority: m.priority,
             language: m.language,
@@ -88,21 +91,33 @@ impl<'a> Actor<'a> {
 impl Engine {
     /// A contact by id.
     pub async fn contact(&self, id: i64) -> Result<Contact> {
-        let m = store::contacts::get(&self.db, id).await?.ok_or_else(|| not_found(id))?;
+        let m = store::contacts::get(&self.db, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
         Ok(Contact::from_model(m, &*self.queues().await))
     }
 
     /// Claims the next contact for `agent` among `queue_ids` (lowest priority value, then oldest), optionally
     /// only in `languages`. `None` when nothing waits.
-    pub async fn claim_next(&self, agent: &str, queue_ids: &[i64], languages: &[String]) -> Result<Option<Contact>> {
+    pub async fn claim_next(
+        &self,
+        agent: &str,
+        queue_ids: &[i64],
+        languages: &[String],
+    ) -> Result<Option<Contact>> {
         let lease = self.claim_lease().await;
         let txn = store::begin_write(&self.db).await?;
-        let filter = ClaimFilter { queue_ids, languages };
+        let filter = ClaimFilter {
+            queue_ids,
+            languages,
+        };
         let Some(m) = store::contacts::claim_next(&txn, &filter, agent, lease).await? else {
             txn.rollback().await?;
             return Ok(None);
         };
-        self.finish(txn, m, "contact.claimed", agent, json!({ "agent": agent })).await.map(Some)
+        self.finish(txn, m, "contact.claimed", agent, json!({ "agent": agent }))
+            .await
+            .map(Some)
     }
 
     /// Gives a waiting contact to `agent` (routing backend).
@@ -110,7 +125,16 @@ impl Engine {
         let lease = self.claim_lease().await;
         let txn = store::begin_write(&self.db).await?;
         match store::contacts::assign(&txn, id, agent, lease).await? {
-            Some(m) => self.finish(txn, m, "contact.assigned", router, json!({ "agent": agent })).await,
+            Some(m) => {
+                self.finish(
+                    txn,
+                    m,
+                    "contact.assigned",
+                    router,
+                    json!({ "agent": agent }),
+                )
+                .await
+            }
             None => Err(self.explain(txn, id, "is not waiting in a queue").await),
         }
     }
@@ -120,7 +144,9 @@ impl Engine {
         let lease = self.claim_lease().await;
         match store::contacts::heartbeat(&self.db, id, agent, lease).await? {
             Some(m) => Ok(Contact::from_model(m, &*self.queues().await)),
-            None => Err(self.explain_db(id, &format!("is not claimed by {agent}")).await),
+            None => Err(self
+                .explain_db(id, &format!("is not claimed by {agent}"))
+                .await),
         }
     }
 
@@ -128,7 +154,10 @@ impl Engine {
     pub async fn release(&self, id: i64, actor: Actor<'_>) -> Result<Contact> {
         let txn = store::begin_write(&self.db).await?;
         match store::contacts::release(&txn, id, actor.holder()).await? {
-            Some(m) => self.finish(txn, m, "contact.released", actor.name(), json!({})).await,
+            Some(m) => {
+                self.finish(txn, m, "contact.released", actor.name(), json!({}))
+                    .await
+            }
             None => Err(self.explain(txn, id, &held_by(actor)).await),
         }
     }
@@ -143,13 +172,21 @@ impl Engine {
             .ok_or_else(|| Error::Invalid(format!("there is no enabled queue named `{queue}`")))?;
         let txn = store::begin_write(&self.db).await?;
         let from = store::contacts::get(&txn, id).await?.map(|m| m.queue_id);
-        let moved =
-            store::contacts::transfer(&txn, id, actor.holder(), target.id, target.priority, &target.language).await?;
+        let moved = store::contacts::transfer(
+            &txn,
+            id,
+            actor.holder(),
+            target.id,
+            target.priority,
+            &target.language,
+        )
+        .await?;
         match moved {
             Some(m) => {
                 let from = from.and_then(|q| dir.by_id(q)).map(|q| q.name.clone());
                 let data = json!({ "from": from, "to": queue });
-                self.finish(txn, m, "contact.transferred", actor.name(), data).await
+                self.finish(txn, m, "contact.transferred", actor.name(), data)
+                    .await
             }
             None => Err(self.explain(txn, id, &held_by(actor)).await),
         }
@@ -159,7 +196,10 @@ impl Engine {
     pub async fn close(&self, id: i64, actor: Actor<'_>) -> Result<Contact> {
         let txn = store::begin_write(&self.db).await?;
         match store::contacts::close(&txn, id, actor.holder()).await? {
-            Some(m) => self.finish(txn, m, "contact.closed", actor.name(), json!({})).await,
+            Some(m) => {
+                self.finish(txn, m, "contact.closed", actor.name(), json!({}))
+                    .await
+            }
             None => Err(self.explain(txn, id, &held_by(actor)).await),
         }
     }
@@ -168,7 +208,10 @@ impl Engine {
     pub async fn reopen(&self, id: i64, actor: &str) -> Result<Contact> {
         let txn = store::begin_write(&self.db).await?;
         match store::contacts::reopen(&txn, id).await? {
-            Some(m) => self.finish(txn, m, "contact.reopened", actor, json!({})).await,
+            Some(m) => {
+                self.finish(txn, m, "contact.reopened", actor, json!({}))
+                    .await
+            }
             None => Err(self.explain(txn, id, "is not closed").await),
         }
     }
@@ -183,7 +226,13 @@ impl Engine {
         data: serde_json::Value,
     ) -> Result<Contact> {
         let contact = Contact::from_model(m, &*self.queues().await);
-        let event = NewEvent { kind, contact_id: Some(contact.id), queue: Some(&contact.queue), actor: Some(actor), data };
+        let event = NewEvent {
+            kind,
+            contact_id: Some(contact.id),
+            queue: Some(&contact.queue),
+            actor: Some(actor),
+            data,
+        };
         store::events::insert(&txn, event).await?;
         txn.commit().await?;
         self.events_appended();
@@ -216,7 +265,14 @@ impl Engine {
             let txn = store::begin_write(&self.db).await?;
             match store::contacts::rescue_one(&txn, m.id, &holder, now).await? {
                 Some(m) => {
-                    self.finish(txn, m, "contact.lease_expired", "rescuer", json!({ "agent": holder })).await?;
+                    self.finish(
+                        txn,
+                        m,
+                        "contact.lease_expired",
+                        "rescuer",
+                        json!({ "agent": holder }),
+                    )
+                    .await?;
                     rescued += 1;
                 }
                 None => txn.rollback().await?,

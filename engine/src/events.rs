@@ -61,7 +61,11 @@ pub async fn read(
         if let Some(last) = rows.last() {
             position = last.seq.unwrap_or(position);
         }
-        let events: Vec<Event> = rows.into_iter().map(Event::from).filter(|e| visible(e)).collect();
+        let events: Vec<Event> = rows
+            .into_iter()
+            .map(Event::from)
+            .filter(|e| visible(e))
+            .collect();
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok((events, position));
         }

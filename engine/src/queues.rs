@@ -26,7 +26,11 @@ pub async fn sync(db: &DatabaseConnection, config: &Config) -> Result<QueueDirec
     let now = Utc::now();
     let txn = store::begin_write(db).await?;
     for q in &config.queues {
-        let language = q.language.as_ref().unwrap_or(&config.defaults.language).to_string();
+        let language = q
+            .language
+            .as_ref()
+            .unwrap_or(&config.defaults.language)
+            .to_string();
         txn.execute_raw(store::stmt(
             &txn,
             "INSERT INTO queues (name, priority, language, enabled, created_at, updated_at) \
@@ -36,7 +40,11 @@ pub async fn sync(db: &DatabaseConnection, config: &Config) -> Result<QueueDirec
         ))
         .await?;
     }
-    let names: Vec<sea_orm::Value> = config.queues.iter().map(|q| q.name.clone().into()).collect();
+    let names: Vec<sea_orm::Value> = config
+        .queues
+        .iter()
+        .map(|q| q.name.clone().into())
+        .collect();
     let disable = if names.is_empty() {
         "UPDATE queues SET enabled = FALSE, updated_at = $1 WHERE enabled".to_owned()
     } else {
@@ -45,7 +53,12 @@ pub async fn sync(db: &DatabaseConnection, config: &Config) -> Result<QueueDirec
             store::placeholders(2, names.len())
         )
     };
-    txn.execute_raw(store::stmt(&txn, &disable, std::iter::once(now.into()).chain(names))).await?;
+    txn.execute_raw(store::stmt(
+        &txn,
+        &disable,
+        std::iter::once(now.into()).chain(names),
+    ))
+    .await?;
     let rows = QueueRow::find_by_statement(store::stmt(
         &txn,
         "SELECT id, name, priority, language, enabled FROM queues",
@@ -57,7 +70,16 @@ pub async fn sync(db: &DatabaseConnection, config: &Config) -> Result<QueueDirec
     let by_name: HashMap<_, _> = rows
         .into_iter()
         .map(|r| {
-            (r.name.clone(), QueueInfo { id: r.id, name: r.name, priority: r.priority, language: r.language, enabled: r.enabled })
+            (
+                r.name.clone(),
+                QueueInfo {
+                    id: r.id,
+                    name: r.name,
+                    priority: r.priority,
+                    language: r.language,
+                    enabled: r.enabled,
+                },
+            )
         })
         .collect();
     Ok(QueueDirectory { by_name })
@@ -104,7 +126,11 @@ struct StatsRow {
 }
 
 /// Waiting and claimed counts and oldest waiting age per queue and language, for `queue_ids`.
-pub async fn stats(db: &DatabaseConnection, dir: &QueueDirectory, queue_ids: &[i64]) -> Result<Vec<QueueStats>> {
+pub async fn stats(
+    db: &DatabaseConnection,
+    dir: &QueueDirectory,
+    queue_ids: &[i64],
+) -> Result<Vec<QueueStats>> {
     let now = Utc::now();
     let rows = StatsRow::find_by_statement(store::stmt(
         db,
@@ -116,7 +142,11 @@ pub async fn stats(db: &DatabaseConnection, dir: &QueueDirectory, queue_ids: &[i
     .await?;
     let age = |t: Option<chrono::DateTime<Utc>>| t.map(|t| (now - t).num_seconds().max(0));
     let mut out: Vec<QueueStats> = Vec::new();
-    let mut infos: Vec<_> = dir.by_name.values().filter(|q| queue_ids.contains(&q.id)).collect();
+    let mut infos: Vec<_> = dir
+        .by_name
+        .values()
+        .filter(|q| queue_ids.contains(&q.id))
+        .collect();
     infos.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
     for q in infos {
         let mut s = QueueStats {

@@ -22,7 +22,10 @@ pub async fn run(engine: Engine, every: Duration, stop: CancellationToken) {
         async {
             match engine.rescue_expired(Utc::now()).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(rescued = n, "returned contacts with expired leases to their queues"),
+                Ok(n) => tracing::info!(
+                    rescued = n,
+                    "returned contacts with expired leases to their queues"
+                ),
                 Err(e) => tracing::warn!(error = %e, "rescuer pass failed"),
             }
         }

@@ -1,1 +1,129 @@
 //! Starting the engine: database, queues, background services and the HTTP API, and stopping them gracefully.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use mailqueue_config::{Config, DatabaseKind};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{api, engine::Engine, rescuer};
+
+/// How long [`RunningApp::stop`] waits for open requests before cutting them off.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A running engine with its HTTP API and background services.
+pub struct RunningApp {
+    /// Where the API listens (the real port when the configuration asked for port 0).
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    stop: CancellationToken,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    services: Vec<JoinHandle<()>>,
+}
+
+/// Binds `config.api.listen`, starts the engine (connect, migrate, sync queues), the rescuer and the API.
+pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
+    let listener = TcpListener::bind(&config.api.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.api.listen))?;
+    let addr = listener.local_addr().context("listening address")?;
+    let engine = Engine::start(config.clone())
+        .await
+        .context("starting the engine")?;
+    let stop = CancellationToken::new();
+
+    let lease = config.defaults.claim_lease.0;
+    let every = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let services = vec![tokio::spawn(rescuer::run(
+        engine.clone(),
+        every,
+        stop.clone(),
+    ))];
+
+    let router = api::router_with(engine.clone(), &config, stop.clone());
+    let shutdown = stop.clone().cancelled_owned();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+
+    let database = match config.database.kind() {
+        Some(DatabaseKind::Postgres) => "postgres",
+        Some(DatabaseKind::Sqlite) => "sqlite",
+        None => "unknown",
+    };
+    tracing::info!(%addr, "mailqueue API listening on http://{addr}");
+    tracing::info!(
+        database,
+        queues = config.queues.len(),
+        addresses = config.queues.iter().map(|q| q.addresses.len()).sum::<usize>(),
+        tokens = config.api.tokens.len(),
+        claim_lease = %config.defaults.claim_lease,
+        "mailqueue started: {} queue(s), {} API token(s), {database} database, claim lease {}",
+        config.queues.len(),
+        config.api.tokens.len(),
+        config.defaults.claim_lease,
+    );
+    Ok(RunningApp {
+        addr,
+        engine,
+        stop,
+        server: Some(server),
+        services,
+    })
+}
+
+impl RunningApp {
+    /// Stops accepting requests, lets open ones finish (ending event streams and long polls at once; at most
+    /// 10 s), and stops the background services.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(GRACE, &mut server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        "open requests did not finish within {GRACE:?}; cutting them off"
+                    );
+                    server.abort();
+                }
+            }
+        }
+        for service in self.services.drain(..) {
+            if let Err(e) = service.await {
+                tracing::error!(error = %e, "background service failed");
+            }
+        }
+        tracing::info!("mailqueue stopped");
+    }
+}
+
+/// Runs everything until `shutdown` resolves (the binary passes ctrl-c/SIGTERM), then stops cleanly. Returns an
+/// error if starting fails or the API server stops on its own.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut app = spawn(config).await?;
+    let mut server = app.server.take().expect("server just spawned");
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down");
+            app.server = Some(server);
+            app.stop().await;
+            Ok(())
+        }
+        result = &mut server => {
+            app.stop().await;
+            match result {
+                Ok(Ok(())) => anyhow::bail!("the API server stopped unexpectedly"),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the API server failed")),
+                Err(e) => Err(anyhow::Error::new(e).context("the API server task failed")),
+            }
+        }
+    }
+}

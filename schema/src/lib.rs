@@ -8,4 +8,4 @@
 pub mod entity;
 pub mod migrate;
 
-pub use migrate::{connect, migrate, Backend};
+pub use migrate::{Backend, connect, migrate};

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
+};
 
 /// The database kinds mailqueue runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +41,17 @@ const MIGRATIONS: &[Migration] = &[Migration {
 /// failing, so an `import` can run beside `serve`.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(url.to_owned());
-    opts.sqlx_logging(false).connect_timeout(Duration::from_secs(10)).acquire_timeout(Duration::from_secs(30));
+    opts.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30));
     if url.starts_with("sqlite:") {
         if let Some(dir) = sqlite_parent_dir(url) {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| DbErr::Custom(format!("cannot create the directory {} for {url}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                DbErr::Custom(format!(
+                    "cannot create the directory {} for {url}: {e}",
+                    dir.display()
+                ))
+            })?;
         }
         opts.max_connections(4).map_sqlx_sqlite_opts(|o| {
             o.create_if_missing(true)
@@ -59,12 +67,17 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
 }
 
 fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
-    let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
     let path = path.split('?').next()?;
     if path.is_empty() || path.starts_with(':') {
         return None;
     }
-    std::path::Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).map(Into::into)
+    std::path::Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Into::into)
 }
 
 /// Applies every migration not yet applied. Safe to run from several instances at once on PostgreSQL (an advisory
@@ -73,14 +86,18 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<Vec<i64>, DbErr> {
     let backend = Backend::of(db);
     let txn = sea_orm::TransactionTrait::begin(db).await?;
     if backend == Backend::Postgres {
-        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7355608001)").await?;
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7355608001)")
+            .await?;
     }
     txn.execute_unprepared(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)",
     )
     .await?;
     let applied: Vec<i64> = txn
-        .query_all_raw(Statement::from_string(txn.get_database_backend(), "SELECT version FROM schema_migrations"))
+        .query_all_raw(Statement::from_string(
+            txn.get_database_backend(),
+            "SELECT version FROM schema_migrations",
+        ))
         .await?
         .iter()
         .map(|r| r.try_get::<i64>("", "version"))
@@ -92,17 +109,28 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<Vec<i64>, DbErr> {
             Backend::Sqlite => m.sqlite,
         };
         for stmt in sql.split(";\n").map(str::trim).filter(|s| !s.is_empty()) {
-            txn.execute_unprepared(stmt)
-                .await
-                .map_err(|e| DbErr::Migration(format!("migration {} {} failed at `{stmt}`: {e}", m.version, m.name)))?;
+            txn.execute_unprepared(stmt).await.map_err(|e| {
+                DbErr::Migration(format!(
+                    "migration {} {} failed at `{stmt}`: {e}",
+                    m.version, m.name
+                ))
+            })?;
         }
         txn.execute_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),
             match backend {
-                Backend::Postgres => "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-                Backend::Sqlite => "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                Backend::Postgres => {
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)"
+                }
+                Backend::Sqlite => {
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)"
+                }
             },
-            [m.version.into(), m.name.into(), chrono::Utc::now().to_rfc3339().into()],
+            [
+                m.version.into(),
+                m.name.into(),
+                chrono::Utc::now().to_rfc3339().into(),
+            ],
         ))
         .await?;
         tracing::info!(version = m.version, name = m.name, "applied migration");

@@ -24,7 +24,8 @@ pub struct TestDb {
 }
 
 pub fn pg_admin_url() -> String {
-    std::env::var("MQ_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("MQ_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 impl TestDb {
@@ -33,7 +34,11 @@ impl TestDb {
             Kind::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("mailqueue.db").display());
-                Self { kind, url, _dir: Some(dir) }
+                Self {
+                    kind,
+                    url,
+                    _dir: Some(dir),
+                }
             }
             Kind::Postgres => {
                 let admin = pg_admin_url();
@@ -42,10 +47,16 @@ impl TestDb {
                     panic!("PostgreSQL at {admin} is not reachable ({e}); start it or set MQ_TEST_PG_URL")
                 });
                 use sea_orm::ConnectionTrait;
-                db.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+                db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
                 let _ = db.close().await;
                 let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-                Self { kind, url: format!("{base}/{name}"), _dir: None }
+                Self {
+                    kind,
+                    url: format!("{base}/{name}"),
+                    _dir: None,
+                }
             }
         }
     }
@@ -95,13 +106,17 @@ queues:
 
 /// Parses a configuration text as `mailqueue serve` would.
 pub fn parse_config(yaml: &str) -> Config {
-    mailqueue_config::load_str(Path::new("test.yaml"), yaml).unwrap_or_else(|e| panic!("test config invalid:\n{e}")).config
+    mailqueue_config::load_str(Path::new("test.yaml"), yaml)
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"))
+        .config
 }
 
 /// A migrated engine over a fresh database with [`config_yaml`].
 pub async fn engine(kind: Kind) -> (Engine, TestDb) {
     let db = TestDb::new(kind).await;
-    let engine = Engine::start(parse_config(&config_yaml(&db.url))).await.expect("engine starts");
+    let engine = Engine::start(parse_config(&config_yaml(&db.url)))
+        .await
+        .expect("engine starts");
     (engine, db)
 }
 
@@ -129,4 +144,156 @@ macro_rules! both_backends {
             }
         }
     )*};
+}
+
+/// The `mailqueue` binary, built on first use (a no-op when it is fresh). `MAILQUEUE_BIN` overrides it.
+pub fn mailqueue_bin() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(bin) = std::env::var("MAILQUEUE_BIN") {
+            return bin.into();
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_owned();
+        let status = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mailqueue-engine",
+                "--bin",
+                "mailqueue",
+            ])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the mailqueue binary failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(Into::into)
+            .unwrap_or_else(|_| root.join("target"));
+        target.join("debug").join("mailqueue")
+    })
+    .clone()
+}
+
+/// The engine and its HTTP API running on a random port over a fresh database with [`config_yaml`], as
+/// `mailqueue serve` runs them (`startup::spawn`).
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub engine: Engine,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    running: Option<mailqueue_engine::startup::RunningApp>,
+}
+
+/// Starts a [`TestApp`] on `kind`.
+pub async fn spawn_app(kind: Kind) -> TestApp {
+    let db = TestDb::new(kind).await;
+    let running = mailqueue_engine::startup::spawn(parse_config(&config_yaml(&db.url)))
+        .await
+        .expect("app starts");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("HTTP client");
+    TestApp {
+        addr: running.addr,
+        engine: running.engine.clone(),
+        client,
+        db,
+        running: Some(running),
+    }
+}
+
+impl TestApp {
+    /// `http://<addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A request with `Authorization: Bearer <token>` (none when `token` is empty).
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
+        let builder = self.client.request(method, self.url(path));
+        if token.is_empty() {
+            builder
+        } else {
+            builder.bearer_auth(token)
+        }
+    }
+
+    /// `GET path` as `token` (none when empty).
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.request(reqwest::Method::GET, path, token)
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    /// `POST path` as `token` (none when empty) with a JSON `body` (none when `None`).
+    pub async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let builder = self.request(reqwest::Method::POST, path, token);
+        let builder = match body {
+            Some(body) => builder.json(&body),
+            None => builder,
+        };
+        builder.send().await.expect("POST")
+    }
+
+    /// Stops the app gracefully (what `mailqueue serve` does on SIGTERM).
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+}
+
+/// A waiting contact stored directly (no message, no `contact.created` event), for tests of claim order and the
+/// lifecycle: in `queue` (arriving on its first address) with `language` and `priority`, waiting since
+/// `waiting_secs` seconds. Returns its id.
+pub async fn seed_contact(
+    engine: &Engine,
+    queue: &str,
+    language: &str,
+    priority: i32,
+    waiting_secs: i64,
+) -> i64 {
+    let dir = engine.queues().await;
+    let info = dir
+        .by_name
+        .get(queue)
+        .unwrap_or_else(|| panic!("no queue {queue}"));
+    let config = engine.config().await;
+    let address = config
+        .queue(queue)
+        .and_then(|q| q.addresses.first())
+        .map(|a| a.address.to_string())
+        .unwrap_or_default();
+    let contact = mailqueue_engine::store::contacts::insert(
+        &engine.db,
+        mailqueue_engine::store::contacts::NewContact {
+            queue_id: info.id,
+            priority,
+            language: language.into(),
+            arrived_on: address,
+            customer_address: Some("customer@example.com".into()),
+            customer_name: Some("Customer".into()),
+            subject: Some(format!("seeded {queue}/{language}/p{priority}")),
+            queued_at: chrono::Utc::now() - chrono::Duration::seconds(waiting_secs),
+        },
+    )
+    .await
+    .expect("insert contact");
+    contact.id
 }

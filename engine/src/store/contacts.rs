@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use mailqueue_schema::entity::contact;
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Value};
 
-use super::{placeholders, stmt, Backend};
+use super::{Backend, placeholders, stmt};
 
 /// Fields of a new contact.
 #[derive(Debug, Clone)]
@@ -89,9 +89,15 @@ pub async fn claim_next(
          WHERE id = (SELECT id FROM contacts WHERE state = 'queued' AND queue_id IN ({queues}){language} \
          ORDER BY priority, queued_at, id LIMIT 1{lock}) RETURNING *"
     );
-    let rows = contact::Entity::find().from_raw_sql(stmt(db, &sql, values)).all(db).await?;
+    let rows = contact::Entity::find()
+        .from_raw_sql(stmt(db, &sql, values))
+        .all(db)
+        .await?;
     if rows.len() > 1 {
-        return Err(DbErr::Custom(format!("claim_next updated {} rows; expected at most one", rows.len())));
+        return Err(DbErr::Custom(format!(
+            "claim_next updated {} rows; expected at most one",
+            rows.len()
+        )));
     }
     Ok(rows.into_iter().next())
 }
@@ -130,7 +136,11 @@ pub async fn heartbeat(
 }
 
 /// Puts a claimed contact back in its queue, keeping its age. `holder` restricts to the claiming agent.
-pub async fn release(db: &impl ConnectionTrait, id: i64, holder: Option<&str>) -> Result<Option<contact::Model>, DbErr> {
+pub async fn release(
+    db: &impl ConnectionTrait,
+    id: i64,
+    holder: Option<&str>,
+) -> Result<Option<contact::Model>, DbErr> {
     one(
         db,
         "UPDATE contacts SET state = 'queued', claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, updated_at = $3 \
@@ -160,7 +170,11 @@ pub async fn transfer(
 }
 
 /// Closes an open contact. `holder` restricts to the claiming agent.
-pub async fn close(db: &impl ConnectionTrait, id: i64, holder: Option<&str>) -> Result<Option<contact::Model>, DbErr> {
+pub async fn close(
+    db: &impl ConnectionTrait,
+    id: i64,
+    holder: Option<&str>,
+) -> Result<Option<contact::Model>, DbErr> {
     let now = Utc::now();
     one(
         db,
@@ -183,7 +197,11 @@ pub async fn reopen(db: &impl ConnectionTrait, id: i64) -> Result<Option<contact
 }
 
 /// Contacts whose lease expired before `now` (to name their former holders in events).
-pub async fn expired(db: &impl ConnectionTrait, now: DateTime<Utc>, limit: u64) -> Result<Vec<contact::Model>, DbErr> {
+pub async fn expired(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<contact::Model>, DbErr> {
     contact::Entity::find()
         .from_raw_sql(stmt(
             db,
@@ -215,7 +233,10 @@ async fn one<const N: usize>(
     sql: &str,
     values: [Value; N],
 ) -> Result<Option<contact::Model>, DbErr> {
-    contact::Entity::find().from_raw_sql(stmt(db, sql, values)).one(db).await
+    contact::Entity::find()
+        .from_raw_sql(stmt(db, sql, values))
+        .one(db)
+        .await
 }
 
 fn expiry(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {

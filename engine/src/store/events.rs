@@ -9,7 +9,7 @@ use chrono::Utc;
 use mailqueue_schema::entity::event;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
 
-use super::{begin_write, stmt, Backend};
+use super::{Backend, begin_write, stmt};
 
 /// A new event row.
 #[derive(Debug, Clone)]
@@ -47,7 +47,8 @@ pub async fn sequence(db: &DatabaseConnection) -> Result<u64, DbErr> {
     let txn = begin_write(db).await?;
     if Backend::of(&txn) == Backend::Postgres {
         // A separate statement, so the UPDATE's snapshot sees the previous sequencer's commit.
-        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7355608002)").await?;
+        txn.execute_unprepared("SELECT pg_advisory_xact_lock(7355608002)")
+            .await?;
     }
     let n = txn.execute_unprepared(SEQUENCE_SQL).await?.rows_affected();
     txn.commit().await?;
@@ -56,12 +57,22 @@ pub async fn sequence(db: &DatabaseConnection) -> Result<u64, DbErr> {
 
 /// Whether any committed event still awaits its sequence number.
 pub async fn has_unsequenced(db: &DatabaseConnection) -> Result<bool, DbErr> {
-    let row = db.query_one_raw(stmt(db, "SELECT 1 AS x FROM events WHERE seq IS NULL LIMIT 1", [])).await?;
+    let row = db
+        .query_one_raw(stmt(
+            db,
+            "SELECT 1 AS x FROM events WHERE seq IS NULL LIMIT 1",
+            [],
+        ))
+        .await?;
     Ok(row.is_some())
 }
 
 /// Sequenced events after `after`, in order, at most `limit`.
-pub async fn after(db: &DatabaseConnection, after: i64, limit: u64) -> Result<Vec<event::Model>, DbErr> {
+pub async fn after(
+    db: &DatabaseConnection,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<event::Model>, DbErr> {
     event::Entity::find()
         .from_raw_sql(stmt(
             db,
@@ -74,6 +85,15 @@ pub async fn after(db: &DatabaseConnection, after: i64, limit: u64) -> Result<Ve
 
 /// The highest sequence number handed out so far (0 when none).
 pub async fn last_seq(db: &DatabaseConnection) -> Result<i64, DbErr> {
-    let row = db.query_one_raw(stmt(db, "SELECT COALESCE(MAX(seq), 0) AS m FROM events", [])).await?;
-    Ok(row.map(|r| r.try_get::<i64>("", "m")).transpose()?.unwrap_or(0))
+    let row = db
+        .query_one_raw(stmt(
+            db,
+            "SELECT COALESCE(MAX(seq), 0) AS m FROM events",
+            [],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "m"))
+        .transpose()?
+        .unwrap_or(0))
 }

@@ -1,0 +1,79 @@
+//! The OpenAPI document (served at `/openapi.json`, browsed at `/docs`).
+
+use utoipa::{
+    Modify, OpenApi,
+    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+
+use super::{contacts, error, events, health, queues};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "mailqueue",
+        description = "Contact-center email queue: claim, work and answer contacts that arrive in Microsoft 365 \
+                       mailboxes. Every `/v1` route needs `Authorization: Bearer <token>`; agent tokens see only \
+                       their queues and languages. Errors are `{ \"error\": code, \"message\": text }`."
+    ),
+    paths(
+        queues::list,
+        contacts::claim,
+        contacts::detail,
+        contacts::raw_message,
+        contacts::attachment,
+        contacts::heartbeat,
+        contacts::release,
+        contacts::transfer,
+        contacts::close,
+        contacts::reopen,
+        contacts::assign,
+        contacts::reply,
+        events::poll,
+        events::stream,
+        health::healthz,
+        health::readyz,
+    ),
+    components(schemas(
+        crate::contacts::Contact,
+        crate::messages::ContactDetail,
+        crate::messages::MessageView,
+        crate::messages::AttachmentMeta,
+        crate::outbox::Reply,
+        crate::outbox::ReplyRequest,
+        crate::queues::QueueStats,
+        crate::queues::LanguageStats,
+        crate::events::Event,
+        error::ErrorBody,
+        contacts::ClaimRequest,
+        contacts::TransferRequest,
+        contacts::AssignRequest,
+        events::EventsPage,
+        health::Health,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "queues", description = "Queue figures"),
+        (name = "contacts", description = "Claiming and working contacts"),
+        (name = "events", description = "The event log"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme the routes refer to.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API token secret from the configuration"))
+                    .build(),
+            ),
+        );
+    }
+}

@@ -1,0 +1,54 @@
+# shellcheck shell=bash
+# Helpers shared by the scripts in this folder. Sourced, not run.
+
+# A step, on stderr so it never mixes with output meant for pipes.
+mq_log() {
+  if [[ -t 2 ]]; then
+    printf '\033[1;34m==>\033[0m \033[1m%s\033[0m\n' "$*" >&2
+  else
+    printf '==> %s\n' "$*" >&2
+  fi
+}
+
+mq_warn() {
+  printf 'warning: %s\n' "$*" >&2
+}
+
+mq_die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# Runs a command as root: directly when we are root, else through sudo.
+mq_as_root() {
+  if [[ $EUID -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    mq_die "this step needs root: run as root, or install sudo (wanted: $*)"
+  fi
+}
+
+# Runs a command as the `postgres` OS user (peer authentication over the local socket), from `/` so that psql
+# does not complain about a working directory it cannot read.
+mq_as_postgres() {
+  if [[ $EUID -eq 0 ]]; then
+    (cd / && runuser -u postgres -- "$@")
+  else
+    (cd / && sudo -u postgres "$@")
+  fi
+}
+
+# Installs Debian packages (no recommends, no questions); runs `apt-get update` once per script run.
+_mq_apt_updated=0
+mq_apt_install() {
+  command -v apt-get >/dev/null 2>&1 || mq_die "apt-get not found: install $* with your system's package manager"
+  if [[ $_mq_apt_updated -eq 0 ]]; then
+    mq_log "apt-get update"
+    mq_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    _mq_apt_updated=1
+  fi
+  mq_log "apt-get install $*"
+  mq_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
