@@ -2,10 +2,20 @@
 //! the outgoing connector (SMTP issue) to send them.
 
 use chrono::{DateTime, Utc};
+use mailqueue_config::EmailAddress;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::ToSchema;
 
-use crate::{contacts::Actor, engine::Engine, error::Result};
+use crate::{
+    contacts::Actor,
+    engine::Engine,
+    error::{Error, Result},
+    store::{self, events::NewEvent, messages::NewMessage, outbox::ReplyRow},
+};
+
+/// At most this many References are carried into a reply (the thread's first and newest ones).
+const MAX_REFERENCES: usize = 20;
 
 /// A reply an agent submits.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -49,8 +59,339 @@ pub struct Reply {
 impl Engine {
     /// Stores a reply on an open contact the actor may work on: an outbound message plus an outbox row and a
     /// `reply.queued` event, in one transaction.
-    pub async fn submit_reply(&self, contact_id: i64, actor: Actor<'_>, req: ReplyRequest) -> Result<Reply> {
-        let _ = (contact_id, actor, req);
-        todo!()
+    ///
+    /// Errors: `NotFound` (no such contact), `Conflict` (closed, or an agent that does not hold the claim),
+    /// `Invalid` (`from` not a sender-enabled address of the contact's queue, bad or missing recipients, empty
+    /// body), `TooLarge` (above the outgoing server's `max_email_size_mb`, else the defaults').
+    pub async fn submit_reply(
+        &self,
+        contact_id: i64,
+        actor: Actor<'_>,
+        req: ReplyRequest,
+    ) -> Result<Reply> {
+        let config = self.config().await;
+        let dir = self.queues().await;
+        if req.text.trim().is_empty() && req.html.as_deref().is_none_or(|h| h.trim().is_empty()) {
+            return Err(Error::Invalid("a reply needs a text or html body".into()));
+        }
+        let cc = recipients(&req.cc, "cc")?;
+        let to_given = req
+            .to
+            .as_deref()
+            .map(|to| recipients(to, "to"))
+            .transpose()?;
+
+        let txn = store::begin_write(&self.db).await?;
+        let result = async {
+            // Locked, so a concurrent close or release waits for this reply to commit.
+            let contact = store::contacts::get_for_update(&txn, contact_id)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("there is no contact {contact_id}")))?;
+            if contact.state == "closed" {
+                return Err(Error::conflict(format!(
+                    "contact {contact_id} is closed; re-open it to reply"
+                )));
+            }
+            if let Actor::Agent(agent) = actor
+                && (contact.state != "claimed" || contact.claimed_by.as_deref() != Some(agent))
+            {
+                return Err(Error::conflict(format!(
+                    "contact {contact_id} is not claimed by {agent}: it is {}{}",
+                    contact.state,
+                    contact
+                        .claimed_by
+                        .as_deref()
+                        .map(|a| format!(" by {a}"))
+                        .unwrap_or_default()
+                )));
+            }
+            let queue = dir
+                .by_id(contact.queue_id)
+                .map(|q| q.name.clone())
+                .ok_or_else(|| {
+                    Error::Invalid(format!("contact {contact_id} is in an unknown queue"))
+                })?;
+            let from = match &req.from {
+                None => None,
+                Some(from) => Some(
+                    config
+                        .queue(&queue)
+                        .into_iter()
+                        .flat_map(|q| q.addresses.iter())
+                        .find(|a| a.sender && a.address.as_str().eq_ignore_ascii_case(from.trim()))
+                        .map(|a| a.address.to_string())
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "`{from}` is not a sender-enabled address of queue `{queue}`"
+                            ))
+                        })?,
+                ),
+            };
+
+            let parent = store::messages::latest_inbound(&txn, contact_id).await?;
+            let to = match to_given {
+                Some(to) => to,
+                None => parent
+                    .as_ref()
+                    .and_then(|p| p.reply_to.clone().or_else(|| p.from_address.clone()))
+                    .or_else(|| contact.customer_address.clone())
+                    .into_iter()
+                    .collect(),
+            };
+            if to.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "contact {contact_id} has no customer address; give `to`"
+                )));
+            }
+            let subject = req.subject.clone().unwrap_or_else(|| {
+                reply_subject(
+                    parent
+                        .as_ref()
+                        .and_then(|p| p.subject.as_deref())
+                        .or(contact.subject.as_deref()),
+                )
+            });
+            let in_reply_to = parent.as_ref().and_then(|p| p.message_id.clone());
+            let references = parent.as_ref().map(references_of).unwrap_or_default();
+
+            let limit_mb = config
+                .outgoing_server
+                .as_ref()
+                .map_or(config.defaults.max_email_size_mb, |s| s.max_email_size_mb);
+            let size = estimated_size(&req, &to, &cc, &subject, &references);
+            if size > u64::from(limit_mb) * 1024 * 1024 {
+                return Err(Error::TooLarge(format!(
+                    "the reply would be about {size} bytes as a mail; the outgoing limit is {limit_mb} MB"
+                )));
+            }
+
+            let domain = from
+                .as_deref()
+                .unwrap_or(&contact.arrived_on)
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_else(|| "mailqueue.invalid".into());
+            let rfc_message_id = format!("{:032x}@{domain}", rand::random::<u128>());
+            let as_list = |l: &[String]| {
+                json!(
+                    l.iter()
+                        .map(|a| json!({ "name": null, "address": a }))
+                        .collect::<Vec<_>>()
+                )
+            };
+            let message = NewMessage {
+                contact_id,
+                direction: "outbound",
+                source_key: None,
+                mailbox: from.clone(),
+                message_id: Some(rfc_message_id.clone()),
+                in_reply_to: in_reply_to.clone(),
+                references: json!(references),
+                from_address: from.clone(),
+                from_name: None,
+                reply_to: None,
+                to_addresses: as_list(&to),
+                cc_addresses: as_list(&cc),
+                subject: Some(subject.clone()),
+                sent_at: None,
+                headers: json!([]),
+                text_body: Some(req.text.clone()),
+                html_body: req.html.clone(),
+                raw: None,
+                size: size as i64,
+                created_by: Some(actor.name().to_owned()),
+            };
+            let message_id = store::messages::insert(&txn, message).await?;
+            let row = store::outbox::insert(&txn, contact_id, message_id).await?;
+            let data = json!({
+                "reply_id": row.id,
+                "message_id": message_id,
+                "rfc_message_id": rfc_message_id,
+                "in_reply_to": in_reply_to,
+                "from": from,
+                "to": to,
+                "subject": subject,
+            });
+            let event = NewEvent {
+                kind: "reply.queued",
+                contact_id: Some(contact_id),
+                queue: Some(&queue),
+                actor: Some(actor.name()),
+                data,
+            };
+            store::events::insert(&txn, event).await?;
+            Ok::<_, Error>(Reply {
+                id: row.id,
+                message_id,
+                rfc_message_id,
+                state: row.state,
+                attempts: row.attempts,
+                last_error: row.last_error,
+                sent_at: row.sent_at,
+                created_at: row.created_at,
+            })
+        }
+        .await;
+        match result {
+            Ok(reply) => {
+                txn.commit().await?;
+                self.events_appended();
+                Ok(reply)
+            }
+            Err(e) => {
+                let _ = txn.rollback().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl From<ReplyRow> for Reply {
+    fn from(r: ReplyRow) -> Self {
+        Self {
+            id: r.id,
+            message_id: r.message_id,
+            rfc_message_id: r.rfc_message_id.unwrap_or_default(),
+            state: r.state,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            sent_at: r.sent_at,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// Validated, normalised recipient addresses.
+fn recipients(list: &[String], field: &str) -> Result<Vec<String>> {
+    list.iter()
+        .map(|a| {
+            EmailAddress::parse(a)
+                .map(|a| a.to_string())
+                .map_err(|e| Error::Invalid(format!("`{field}`: {e}")))
+        })
+        .collect()
+}
+
+/// The References of a reply to `parent`: the parent's References (else its In-Reply-To) plus its Message-ID;
+/// long chains keep the first and the newest ones.
+fn references_of(parent: &store::messages::MessageRow) -> Vec<String> {
+    let mut refs: Vec<String> = parent
+        .references
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if refs.is_empty()
+        && let Some(irt) = &parent.in_reply_to
+    {
+        refs.push(irt.clone());
+    }
+    if let Some(id) = &parent.message_id
+        && !refs.contains(id)
+    {
+        refs.push(id.clone());
+    }
+    if refs.len() > MAX_REFERENCES {
+        refs.drain(1..refs.len() - (MAX_REFERENCES - 1));
+    }
+    refs
+}
+
+/// `Re: <subject>` without stacking reply prefixes (`Re:`, `RE:`, `AW:`, `SV:`, `Antw:`, `Re[2]:` …).
+pub fn reply_subject(subject: Option<&str>) -> String {
+    let base = strip_reply_prefixes(subject.unwrap_or_default());
+    if base.is_empty() {
+        "Re:".into()
+    } else {
+        format!("Re: {base}")
+    }
+}
+
+/// Removes leading reply prefixes in common languages, repeatedly.
+pub fn strip_reply_prefixes(subject: &str) -> &str {
+    const PREFIXES: &[&str] = &[
+        "re", "aw", "sv", "vs", "antw", "antwort", "rif", "res", "odp", "yn", "atb", "vá", "r",
+        "回复", "答复",
+    ];
+    let mut s = subject.trim();
+    loop {
+        let Some(rest) = strip_one(s, PREFIXES) else {
+            return s;
+        };
+        s = rest.trim_start();
+    }
+}
+
+fn strip_one<'a>(s: &'a str, prefixes: &[&str]) -> Option<&'a str> {
+    for p in prefixes {
+        let Some(head) = s.get(..p.len()) else {
+            continue;
+        };
+        if !head.eq_ignore_ascii_case(p) && head.to_lowercase() != *p {
+            continue;
+        }
+        let mut rest = &s[p.len()..];
+        // An optional counter: `Re[2]:`, `Re(2):`, `Re^2:`.
+        for (open, close) in [('[', ']'), ('(', ')')] {
+            if let Some(inner) = rest.strip_prefix(open)
+                && let Some(end) = inner.find(close)
+                && inner[..end].chars().all(|c| c.is_ascii_digit())
+            {
+                rest = &inner[end + 1..];
+            }
+        }
+        if let Some(r) = rest.strip_prefix('^') {
+            rest = r.trim_start_matches(|c: char| c.is_ascii_digit());
+        }
+        // `Re :` (French spacing) and the full-width colon.
+        let rest = rest.trim_start_matches(' ');
+        if let Some(r) = rest.strip_prefix(':').or_else(|| rest.strip_prefix('：')) {
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// The size the reply will have as a MIME mail: headers plus bodies, counted as base64 (76-column lines) unless
+/// they are plain ASCII, so the estimate errs on the large side.
+fn estimated_size(
+    req: &ReplyRequest,
+    to: &[String],
+    cc: &[String],
+    subject: &str,
+    references: &[String],
+) -> u64 {
+    fn encoded(body: &str) -> u64 {
+        let n = body.len() as u64;
+        if body.is_ascii() {
+            n + n / 76 * 3
+        } else {
+            n.div_ceil(3) * 4 * 78 / 76
+        }
+    }
+    let headers = 1024
+        + to.iter().chain(cc).map(|a| a.len() as u64 + 2).sum::<u64>()
+        + references.iter().map(|r| r.len() as u64 + 3).sum::<u64>()
+        + encoded(subject);
+    headers + encoded(&req.text) + req.html.as_deref().map_or(0, |h| encoded(h) + 200)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_prefixes_do_not_stack() {
+        assert_eq!(reply_subject(Some("Order 4711")), "Re: Order 4711");
+        assert_eq!(reply_subject(Some("Re: Order 4711")), "Re: Order 4711");
+        assert_eq!(reply_subject(Some("RE: AW: Sv: re[2]: Order")), "Re: Order");
+        assert_eq!(reply_subject(Some("Re : Antw: commande")), "Re: commande");
+        assert_eq!(reply_subject(Some("Fwd: Re: x")), "Re: Fwd: Re: x");
+        assert_eq!(reply_subject(Some("Reminder: pay")), "Re: Reminder: pay");
+        assert_eq!(reply_subject(Some("Résumé")), "Re: Résumé");
+        assert_eq!(reply_subject(None), "Re:");
     }
 }

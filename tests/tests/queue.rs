@@ -5,12 +5,12 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use mailqueue_engine::{
+    Engine, Error,
     contacts::Actor,
     events,
     store::{self, contacts::NewContact},
-    Engine, Error,
 };
-use mailqueue_tests::{both_backends, engine, Kind};
+use mailqueue_tests::{Kind, both_backends, engine};
 use sea_orm::ConnectionTrait;
 
 both_backends! {
@@ -51,7 +51,13 @@ async fn waiting(engine: &Engine, queue: &str, priority: i32, language: &str, ag
 }
 
 async fn all_queue_ids(engine: &Engine) -> Vec<i64> {
-    engine.queues().await.by_name.values().map(|q| q.id).collect()
+    engine
+        .queues()
+        .await
+        .by_name
+        .values()
+        .map(|q| q.id)
+        .collect()
 }
 
 async fn claim_all(engine: &Engine, agent: &str, queues: &[i64], langs: &[String]) -> Vec<i64> {
@@ -83,7 +89,11 @@ async fn language_filter(kind: Kind) {
     let fr = waiting(&engine, "support", 1, "fr", 2).await;
     let support = [queue_id(&engine, "support").await];
     let got = claim_all(&engine, "alice", &support, &["de".into(), "en".into()]).await;
-    assert_eq!(got, vec![en, de], "fr must not be claimed by an en/de agent");
+    assert_eq!(
+        got,
+        vec![en, de],
+        "fr must not be claimed by an en/de agent"
+    );
     let got = claim_all(&engine, "carol", &support, &[]).await;
     assert_eq!(got, vec![fr]);
 }
@@ -95,8 +105,18 @@ async fn agents_only_claim_from_their_queues(kind: Kind) {
     let got = claim_all(&engine, "alice", &[queue_id(&engine, "support").await], &[]).await;
     assert_eq!(got, vec![support]);
     let left = engine.contact(sales).await.unwrap();
-    assert_eq!(left.state, "queued", "a sales contact must stay for sales agents");
-    assert!(engine.claim_next("alice", &[], &[]).await.unwrap().is_none(), "no queues, no contacts");
+    assert_eq!(
+        left.state, "queued",
+        "a sales contact must stay for sales agents"
+    );
+    assert!(
+        engine
+            .claim_next("alice", &[], &[])
+            .await
+            .unwrap()
+            .is_none(),
+        "no queues, no contacts"
+    );
 }
 
 async fn seed(engine: &Engine, n: usize) -> HashSet<i64> {
@@ -146,14 +166,23 @@ async fn concurrent_claimers_claim_each_contact_once(kind: Kind) {
     let e = engine.clone();
     let claimed = race(32, move |agent| {
         let (e, queues) = (e.clone(), queues.clone());
-        async move { e.claim_next(&agent, &queues, &[]).await.unwrap().map(|c| c.id) }
+        async move {
+            e.claim_next(&agent, &queues, &[])
+                .await
+                .unwrap()
+                .map(|c| c.id)
+        }
     })
     .await;
     assert_eq!(double_claims(&claimed), 0, "a contact was claimed twice");
     assert_eq!(claimed.iter().copied().collect::<HashSet<_>>(), seeded);
     let row = engine
         .db
-        .query_one_raw(store::stmt(&engine.db, "SELECT COUNT(*) AS n FROM contacts WHERE state = 'claimed'", []))
+        .query_one_raw(store::stmt(
+            &engine.db,
+            "SELECT COUNT(*) AS n FROM contacts WHERE state = 'claimed'",
+            [],
+        ))
         .await
         .unwrap()
         .unwrap();
@@ -191,25 +220,55 @@ async fn non_atomic_claim_control_is_detected(kind: Kind) {
         }
     })
     .await;
-    assert!(double_claims(&claimed) > 0, "the control should double-claim; the check would be blind otherwise");
+    assert!(
+        double_claims(&claimed) > 0,
+        "the control should double-claim; the check would be blind otherwise"
+    );
 }
 
 async fn expired_lease_returns_contact(kind: Kind) {
     let (engine, _db) = engine(kind).await;
     let id = waiting(&engine, "support", 5, "en", 0).await;
     let support = [queue_id(&engine, "support").await];
-    let c = engine.claim_next("alice", &support, &[]).await.unwrap().unwrap();
+    let c = engine
+        .claim_next("alice", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
     let lease = c.lease_expires_at.expect("claim sets a lease");
-    assert!(lease > Utc::now() + chrono::Duration::minutes(4), "test config lease is 5m");
-    assert_eq!(engine.rescue_expired(Utc::now()).await.unwrap(), 0, "lease still valid");
+    assert!(
+        lease > Utc::now() + chrono::Duration::minutes(4),
+        "test config lease is 5m"
+    );
+    assert_eq!(
+        engine.rescue_expired(Utc::now()).await.unwrap(),
+        0,
+        "lease still valid"
+    );
     let hb = engine.heartbeat(id, "alice").await.unwrap();
     assert!(hb.lease_expires_at.unwrap() >= lease);
-    assert_eq!(engine.rescue_expired(Utc::now() + chrono::Duration::minutes(10)).await.unwrap(), 1);
+    assert_eq!(
+        engine
+            .rescue_expired(Utc::now() + chrono::Duration::minutes(10))
+            .await
+            .unwrap(),
+        1
+    );
     let c = engine.contact(id).await.unwrap();
-    assert_eq!((c.state.as_str(), c.claimed_by.as_deref()), ("queued", None));
+    assert_eq!(
+        (c.state.as_str(), c.claimed_by.as_deref()),
+        ("queued", None)
+    );
     assert_eq!(c.queued_at, at(0), "a rescued contact keeps its age");
-    assert!(matches!(engine.heartbeat(id, "alice").await, Err(Error::Conflict(_))), "the lease is gone");
-    let again = engine.claim_next("carol", &support, &[]).await.unwrap().unwrap();
+    assert!(
+        matches!(engine.heartbeat(id, "alice").await, Err(Error::Conflict(_))),
+        "the lease is gone"
+    );
+    let again = engine
+        .claim_next("carol", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.id, id);
 }
 
@@ -217,41 +276,114 @@ async fn release_keeps_age_transfer_takes_queue_priority(kind: Kind) {
     let (engine, _db) = engine(kind).await;
     let id = waiting(&engine, "support", 3, "de", 7).await;
     let support = [queue_id(&engine, "support").await];
-    engine.claim_next("alice", &support, &[]).await.unwrap().unwrap();
+    engine
+        .claim_next("alice", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
     let released = engine.release(id, Actor::Agent("alice")).await.unwrap();
-    assert_eq!((released.state.as_str(), released.priority, released.queued_at), ("queued", 3, at(7)));
-    let newer = waiting(&engine, "support", 3, "de", 8).await;
-    assert_eq!(engine.claim_next("alice", &support, &[]).await.unwrap().unwrap().id, id, "released keeps its place");
-    let moved = engine.transfer(id, Actor::Agent("alice"), "sales").await.unwrap();
     assert_eq!(
-        (moved.queue.as_str(), moved.priority, moved.language.as_str(), moved.state.as_str(), moved.queued_at),
+        (
+            released.state.as_str(),
+            released.priority,
+            released.queued_at
+        ),
+        ("queued", 3, at(7))
+    );
+    let newer = waiting(&engine, "support", 3, "de", 8).await;
+    assert_eq!(
+        engine
+            .claim_next("alice", &support, &[])
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        id,
+        "released keeps its place"
+    );
+    let moved = engine
+        .transfer(id, Actor::Agent("alice"), "sales")
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            moved.queue.as_str(),
+            moved.priority,
+            moved.language.as_str(),
+            moved.state.as_str(),
+            moved.queued_at
+        ),
         ("sales", 1, "fr", "queued", at(7)),
         "transfer takes the target queue's priority and language and keeps the age"
     );
     assert!(moved.claimed_by.is_none());
     let sales = [queue_id(&engine, "sales").await];
-    assert_eq!(engine.claim_next("bob", &sales, &[]).await.unwrap().unwrap().id, id);
-    assert_eq!(engine.claim_next("alice", &support, &[]).await.unwrap().unwrap().id, newer);
-    assert!(matches!(engine.transfer(id, Actor::Agent("bob"), "nope").await, Err(Error::Invalid(_))));
+    assert_eq!(
+        engine
+            .claim_next("bob", &sales, &[])
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        id
+    );
+    assert_eq!(
+        engine
+            .claim_next("alice", &support, &[])
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        newer
+    );
+    assert!(matches!(
+        engine.transfer(id, Actor::Agent("bob"), "nope").await,
+        Err(Error::Invalid(_))
+    ));
 }
 
 async fn lifecycle_conflicts(kind: Kind) {
     let (engine, _db) = engine(kind).await;
     let id = waiting(&engine, "support", 5, "en", 0).await;
     let support = [queue_id(&engine, "support").await];
-    engine.claim_next("alice", &support, &[]).await.unwrap().unwrap();
-    assert!(matches!(engine.release(id, Actor::Agent("carol")).await, Err(Error::Conflict(_))));
-    assert!(matches!(engine.close(id, Actor::Agent("carol")).await, Err(Error::Conflict(_))));
-    assert!(matches!(engine.heartbeat(id, "carol").await, Err(Error::Conflict(_))));
-    assert!(matches!(engine.assign(id, "router", "carol").await, Err(Error::Conflict(_))));
-    assert!(matches!(engine.close(999_999, Actor::Agent("alice")).await, Err(Error::NotFound(_))));
+    engine
+        .claim_next("alice", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        engine.release(id, Actor::Agent("carol")).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        engine.close(id, Actor::Agent("carol")).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        engine.heartbeat(id, "carol").await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        engine.assign(id, "router", "carol").await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        engine.close(999_999, Actor::Agent("alice")).await,
+        Err(Error::NotFound(_))
+    ));
     let closed = engine.close(id, Actor::Agent("alice")).await.unwrap();
     assert_eq!(closed.state, "closed");
     assert!(closed.closed_at.is_some());
-    assert!(matches!(engine.close(id, Actor::Supervisor("admin")).await, Err(Error::Conflict(_))));
+    assert!(matches!(
+        engine.close(id, Actor::Supervisor("admin")).await,
+        Err(Error::Conflict(_))
+    ));
     let reopened = engine.reopen(id, "admin").await.unwrap();
     assert_eq!(reopened.state, "queued");
-    assert!(reopened.queued_at > at(0), "a re-opened contact waits from now");
+    assert!(
+        reopened.queued_at > at(0),
+        "a re-opened contact waits from now"
+    );
     let assigned = engine.assign(id, "router", "carol").await.unwrap();
     assert_eq!(assigned.claimed_by.as_deref(), Some("carol"));
     engine.close(id, Actor::Supervisor("admin")).await.unwrap();
@@ -260,7 +392,9 @@ async fn lifecycle_conflicts(kind: Kind) {
 async fn read_all(engine: &Engine, mut after: i64, page: u64) -> Vec<events::Event> {
     let mut out = Vec::new();
     loop {
-        let (batch, next) = events::read(engine, after, page, Duration::ZERO, |_| true).await.unwrap();
+        let (batch, next) = events::read(engine, after, page, Duration::ZERO, |_| true)
+            .await
+            .unwrap();
         if batch.is_empty() {
             return out;
         }
@@ -273,9 +407,16 @@ async fn events_are_ordered_and_resumable(kind: Kind) {
     let (engine, _db) = engine(kind).await;
     let id = waiting(&engine, "support", 5, "en", 0).await;
     let support = [queue_id(&engine, "support").await];
-    engine.claim_next("alice", &support, &[]).await.unwrap().unwrap();
+    engine
+        .claim_next("alice", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
     engine.release(id, Actor::Agent("alice")).await.unwrap();
-    engine.transfer(id, Actor::Supervisor("router"), "sales").await.unwrap();
+    engine
+        .transfer(id, Actor::Supervisor("router"), "sales")
+        .await
+        .unwrap();
     engine.assign(id, "router", "bob").await.unwrap();
     engine.close(id, Actor::Agent("bob")).await.unwrap();
     engine.reopen(id, "admin").await.unwrap();
@@ -292,19 +433,34 @@ async fn events_are_ordered_and_resumable(kind: Kind) {
             "contact.reopened"
         ]
     );
-    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "strictly increasing sequence");
+    assert!(
+        all.windows(2).all(|w| w[0].seq < w[1].seq),
+        "strictly increasing sequence"
+    );
     assert_eq!(all[2].data["from"], "support");
     assert_eq!(all[3].actor.as_deref(), Some("router"));
     let rest = read_all(&engine, all[2].seq, 10).await;
-    assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), all[3..].iter().map(|e| e.seq).collect::<Vec<_>>());
+    assert_eq!(
+        rest.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        all[3..].iter().map(|e| e.seq).collect::<Vec<_>>()
+    );
     // A long poll wakes on a new event.
     let last = all.last().unwrap().seq;
     let e2 = engine.clone();
-    let poll = tokio::spawn(async move { events::read(&e2, last, 10, Duration::from_secs(20), |_| true).await });
+    let poll = tokio::spawn(async move {
+        events::read(&e2, last, 10, Duration::from_secs(20), |_| true).await
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    engine.claim_next("bob", &[queue_id(&engine, "sales").await], &[]).await.unwrap().unwrap();
+    engine
+        .claim_next("bob", &[queue_id(&engine, "sales").await], &[])
+        .await
+        .unwrap()
+        .unwrap();
     let (woke, _) = poll.await.unwrap().unwrap();
-    assert_eq!(woke.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["contact.claimed"]);
+    assert_eq!(
+        woke.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["contact.claimed"]
+    );
 }
 
 /// Many writers append concurrently while a reader pages through with small pages: it sees every event exactly
@@ -317,14 +473,21 @@ async fn concurrent_events_resume_without_gaps(kind: Kind) {
     let writers = tokio::spawn(async move {
         race(16, move |agent| {
             let (e, queues) = (e.clone(), queues.clone());
-            async move { e.claim_next(&agent, &queues, &[]).await.unwrap().map(|c| c.id) }
+            async move {
+                e.claim_next(&agent, &queues, &[])
+                    .await
+                    .unwrap()
+                    .map(|c| c.id)
+            }
         })
         .await
     });
     let mut seen = Vec::new();
     let mut after = 0;
     while !writers.is_finished() || seen.len() < 300 {
-        let (batch, next) = events::read(&engine, after, 7, Duration::from_millis(50), |_| true).await.unwrap();
+        let (batch, next) = events::read(&engine, after, 7, Duration::from_millis(50), |_| true)
+            .await
+            .unwrap();
         after = next;
         seen.extend(batch.into_iter().map(|e| (e.seq, e.contact_id.unwrap())));
         if writers.is_finished() && seen.len() >= 300 {
@@ -332,22 +495,46 @@ async fn concurrent_events_resume_without_gaps(kind: Kind) {
         }
     }
     assert_eq!(writers.await.unwrap().len(), 300);
-    seen.extend(read_all(&engine, after, 50).await.into_iter().map(|e| (e.seq, e.contact_id.unwrap())));
+    seen.extend(
+        read_all(&engine, after, 50)
+            .await
+            .into_iter()
+            .map(|e| (e.seq, e.contact_id.unwrap())),
+    );
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "increasing");
     let contacts: HashSet<_> = seen.iter().map(|s| s.1).collect();
-    assert_eq!((seen.len(), contacts.len()), (300, 300), "every claim event exactly once");
+    assert_eq!(
+        (seen.len(), contacts.len()),
+        (300, 300),
+        "every claim event exactly once"
+    );
 }
 
 async fn queues_removed_from_config_are_disabled(kind: Kind) {
     let (engine, db) = engine(kind).await;
     let id = waiting(&engine, "vip", 0, "en", 0).await;
     let yaml = mailqueue_tests::config_yaml(&db.url);
-    let without_vip = yaml.split("  - name: vip").next().unwrap().replace("support, sales, vip", "support, sales");
-    let engine2 = Engine::start(mailqueue_tests::parse_config(&without_vip)).await.unwrap();
+    let without_vip = yaml
+        .split("  - name: vip")
+        .next()
+        .unwrap()
+        .replace("support, sales, vip", "support, sales");
+    let engine2 = Engine::start(mailqueue_tests::parse_config(&without_vip))
+        .await
+        .unwrap();
     let dir = engine2.queues().await;
     assert!(!dir.by_name["vip"].enabled, "vip is disabled, not deleted");
     assert!(dir.by_name["support"].enabled);
-    assert_eq!(engine2.contact(id).await.unwrap().queue, "vip", "its contacts stay");
-    let engine3 = Engine::start(mailqueue_tests::parse_config(&yaml)).await.unwrap();
-    assert!(engine3.queues().await.by_name["vip"].enabled, "re-adding enables it again");
+    assert_eq!(
+        engine2.contact(id).await.unwrap().queue,
+        "vip",
+        "its contacts stay"
+    );
+    let engine3 = Engine::start(mailqueue_tests::parse_config(&yaml))
+        .await
+        .unwrap();
+    assert!(
+        engine3.queues().await.by_name["vip"].enabled,
+        "re-adding enables it again"
+    );
 }

@@ -47,6 +47,22 @@ pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<contact::M
     contact::Entity::find_by_id(id).one(db).await
 }
 
+/// Reads a contact and, on PostgreSQL, locks its row until the transaction ends, so a check of its state holds
+/// until commit (a concurrent close waits). SQLite's write transaction already excludes other writers.
+pub async fn get_for_update(
+    db: &impl ConnectionTrait,
+    id: i64,
+) -> Result<Option<contact::Model>, DbErr> {
+    let sql = match Backend::of(db) {
+        Backend::Postgres => "SELECT * FROM contacts WHERE id = $1 FOR UPDATE",
+        Backend::Sqlite => "SELECT * FROM contacts WHERE id = $1",
+    };
+    contact::Entity::find()
+        .from_raw_sql(stmt(db, sql, [id.into()]))
+        .one(db)
+        .await
+}
+
 /// What `claim_next` may take.
 #[derive(Debug, Clone)]
 pub struct ClaimFilter<'a> {
