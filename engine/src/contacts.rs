@@ -1,8 +1,6 @@
 //! The contact lifecycle: claim, assign, heartbeat, release, transfer, close, re-open. Each change and its event
 //! commit in one transaction.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use mailqueue_schema::entity::contact;
 use sea_orm::DatabaseTransaction;
@@ -279,11 +277,6 @@ impl Engine {
             }
         }
         Ok(rescued)
-    }
-
-    /// Default claim lease, for callers that need it explicitly.
-    pub async fn lease(&self) -> Duration {
-        self.claim_lease().await
     }
 }
 

@@ -41,7 +41,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
         stop.clone(),
     ))];
 
-    let router = api::router_with(engine.clone(), &config, stop.clone());
+    let router = api::router(engine.clone(), &config, stop.clone());
     let shutdown = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -50,17 +50,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
-/// The API router over `engine`, with the tokens of the engine's current configuration.
-///
-/// Prefer [`router_with`] from async code that has the configuration at hand (this reads it synchronously).
-pub fn router(engine: Engine) -> Router {
-    let config = futures::executor::block_on(engine.config());
-    router_with(engine, &config, CancellationToken::new())
-}
-
 /// The API router over `engine`, authenticating against `config.api.tokens`; `shutdown` ends open event streams
 /// and long polls.
-pub fn router_with(engine: Engine, config: &Config, shutdown: CancellationToken) -> Router {
+pub fn router(engine: Engine, config: &Config, shutdown: CancellationToken) -> Router {
     let state = AppState {
         engine,
         tokens: Arc::new(auth::Tokens::from_config(config)),
