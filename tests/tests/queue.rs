@@ -25,6 +25,7 @@ both_backends! {
     events_are_ordered_and_resumable => events_are_ordered_and_resumable;
     concurrent_events_resume_without_gaps => concurrent_events_resume_without_gaps;
     queues_removed_from_config_are_disabled => queues_removed_from_config_are_disabled;
+    rescuer_service_returns_expired_claims => rescuer_service_returns_expired_claims;
 }
 
 fn at(secs: i64) -> DateTime<Utc> {
@@ -536,5 +537,69 @@ async fn queues_removed_from_config_are_disabled(kind: Kind) {
     assert!(
         engine3.queues().await.by_name["vip"].enabled,
         "re-adding enables it again"
+    );
+}
+
+/// The rescuer as a background service: an expired claim goes back to its queue with a `contact.lease_expired`
+/// event, a live one stays, and the service stops when told.
+async fn rescuer_service_returns_expired_claims(kind: Kind) {
+    let (engine, _db) = engine(kind).await;
+    let expired = waiting(&engine, "support", 1, "en", 0).await;
+    let live = waiting(&engine, "support", 2, "en", 1).await;
+    let support = [queue_id(&engine, "support").await];
+    engine
+        .claim_next("alice", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
+    engine
+        .claim_next("carol", &support, &[])
+        .await
+        .unwrap()
+        .unwrap();
+    engine
+        .db
+        .execute_raw(store::stmt(
+            &engine.db,
+            "UPDATE contacts SET lease_expires_at = $2 WHERE id = $1",
+            [
+                expired.into(),
+                (Utc::now() - chrono::Duration::seconds(1)).into(),
+            ],
+        ))
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let service = tokio::spawn(mailqueue_engine::rescuer::run(
+        engine.clone(),
+        Duration::from_millis(50),
+        stop.clone(),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.contact(expired).await.unwrap().state != "queued" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rescuer did not return the expired claim"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        engine.contact(live).await.unwrap().claimed_by.as_deref(),
+        Some("carol")
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), service)
+        .await
+        .expect("the rescuer stops")
+        .unwrap();
+    let all = read_all(&engine, 0, 100).await;
+    let rescued: Vec<_> = all
+        .iter()
+        .filter(|e| e.kind == "contact.lease_expired")
+        .collect();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(
+        (rescued[0].contact_id, rescued[0].data["agent"].as_str()),
+        (Some(expired), Some("alice"))
     );
 }
