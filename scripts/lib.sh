@@ -52,3 +52,20 @@ mq_apt_install() {
   mq_log "apt-get install $*"
   mq_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
+
+# Installs Debian packages that ship a daemon without starting it: while it runs, a policy-rc.d that answers 101
+# ("action forbidden") keeps invoke-rc.d / deb-systemd-invoke from starting the system service (Debian's container
+# images have one already; then it is left as it is). A system instance that already runs is left alone.
+mq_apt_install_no_start() {
+  local policy=/usr/sbin/policy-rc.d added=0
+  if ! mq_as_root test -e "$policy"; then
+    mq_as_root sh -c "printf '#!/bin/sh\n# Added by mailqueue scripts: do not start services from apt.\nexit 101\n' >$policy && chmod 755 $policy"
+    added=1
+  fi
+  local status=0
+  mq_apt_install "$@" || status=$?
+  if [[ $added -eq 1 ]]; then
+    mq_as_root rm -f "$policy"
+  fi
+  return "$status"
+}
