@@ -173,7 +173,7 @@ impl Sandbox {
             .await
             .context("cannot bind the identity provider")?;
         let idp_addr = idp_listener.local_addr()?;
-        let mut tasks = vec![tokio::spawn(idp.clone().serve(idp_listener, stop.clone()))];
+        let mut tasks = Vec::new();
 
         let mail_root = dir.join("mail");
         let dovecot = Dovecot::start(DovecotOptions {
@@ -210,6 +210,17 @@ impl Sandbox {
         let smtps = smtp.serve_also(smtps_listener, true)?;
         let waiter = smtp.clone();
         tasks.push(tokio::spawn(async move { waiter.wait().await }));
+        // One HTTP server: the identity provider plus the SMTP test hooks (the grant URL Dovecot got is the same).
+        let http = idp.router().merge(smtp_hooks(smtp.clone()));
+        let http_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(idp_listener, http)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "sandbox HTTP server stopped");
+            }
+        }));
 
         let sandbox = Self {
             dir,
@@ -1032,4 +1043,31 @@ mod tests {
             [("anna@contoso.com".to_owned(), "Anna-Passw0rd!".to_owned())]
         );
     }
+}
+
+/// Test hooks of the SMTP server over HTTP, beside the identity provider's `/_sandbox/` hooks:
+/// `POST /_sandbox/smtp/faults` with an [`SmtpFault`](crate::smtp::SmtpFault) (e.g.
+/// `{"point":"data_end","action":"451","count":2}`), `DELETE /_sandbox/smtp/faults`, and `GET /_sandbox/smtp/sent`
+/// (the sent index).
+fn smtp_hooks(smtp: crate::smtp::SmtpHandle) -> axum::Router {
+    use axum::{Json, routing::post};
+    let (inject, clear, sent) = (smtp.clone(), smtp.clone(), smtp);
+    axum::Router::new()
+        .route(
+            "/_sandbox/smtp/faults",
+            post(
+                move |Json(fault): Json<crate::smtp::SmtpFault>| async move {
+                    inject.inject_fault(fault);
+                    Json(serde_json::json!({ "pending": inject.pending_faults() }))
+                },
+            )
+            .delete(move || async move {
+                clear.clear_faults();
+                Json(serde_json::json!({ "pending": [] }))
+            }),
+        )
+        .route(
+            "/_sandbox/smtp/sent",
+            axum::routing::get(move || async move { Json(sent.sent()) }),
+        )
 }
