@@ -997,6 +997,33 @@ fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Test hooks of the SMTP server over HTTP, beside the identity provider's `/_sandbox/` hooks:
+/// `POST /_sandbox/smtp/faults` with an [`SmtpFault`](crate::smtp::SmtpFault) (e.g.
+/// `{"point":"data_end","action":"451","count":2}`), `DELETE /_sandbox/smtp/faults`, and `GET /_sandbox/smtp/sent`
+/// (the sent index).
+fn smtp_hooks(smtp: crate::smtp::SmtpHandle) -> axum::Router {
+    use axum::{Json, routing::post};
+    let (inject, clear, sent) = (smtp.clone(), smtp.clone(), smtp);
+    axum::Router::new()
+        .route(
+            "/_sandbox/smtp/faults",
+            post(
+                move |Json(fault): Json<crate::smtp::SmtpFault>| async move {
+                    inject.inject_fault(fault);
+                    Json(serde_json::json!({ "pending": inject.pending_faults() }))
+                },
+            )
+            .delete(move || async move {
+                clear.clear_faults();
+                Json(serde_json::json!({ "pending": [] }))
+            }),
+        )
+        .route(
+            "/_sandbox/smtp/sent",
+            axum::routing::get(move || async move { Json(sent.sent()) }),
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1043,31 +1070,4 @@ mod tests {
             [("anna@contoso.com".to_owned(), "Anna-Passw0rd!".to_owned())]
         );
     }
-}
-
-/// Test hooks of the SMTP server over HTTP, beside the identity provider's `/_sandbox/` hooks:
-/// `POST /_sandbox/smtp/faults` with an [`SmtpFault`](crate::smtp::SmtpFault) (e.g.
-/// `{"point":"data_end","action":"451","count":2}`), `DELETE /_sandbox/smtp/faults`, and `GET /_sandbox/smtp/sent`
-/// (the sent index).
-fn smtp_hooks(smtp: crate::smtp::SmtpHandle) -> axum::Router {
-    use axum::{Json, routing::post};
-    let (inject, clear, sent) = (smtp.clone(), smtp.clone(), smtp);
-    axum::Router::new()
-        .route(
-            "/_sandbox/smtp/faults",
-            post(
-                move |Json(fault): Json<crate::smtp::SmtpFault>| async move {
-                    inject.inject_fault(fault);
-                    Json(serde_json::json!({ "pending": inject.pending_faults() }))
-                },
-            )
-            .delete(move || async move {
-                clear.clear_faults();
-                Json(serde_json::json!({ "pending": [] }))
-            }),
-        )
-        .route(
-            "/_sandbox/smtp/sent",
-            axum::routing::get(move || async move { Json(sent.sent()) }),
-        )
 }
