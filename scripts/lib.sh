@@ -69,3 +69,18 @@ mq_apt_install_no_start() {
   fi
   return "$status"
 }
+
+# The local Microsoft 365 sandbox's Debian packages: Dovecot (not started as a system service), setpriv, python3.
+mq_ensure_sandbox_packages() {
+  local missing=()
+  [[ -x /usr/sbin/dovecot ]] || command -v dovecot >/dev/null 2>&1 || missing+=(dovecot-imapd)
+  command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    mq_apt_install_no_start "${missing[@]}"
+  fi
+  local version
+  version=$( (/usr/sbin/dovecot --version || dovecot --version) 2>/dev/null | head -n 1) ||
+    mq_die "dovecot was installed, but \`dovecot --version\` fails"
+  mq_log "sandbox: Dovecot $version ready (no system service started by this script)"
+}

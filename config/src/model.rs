@@ -30,6 +30,10 @@ pub struct Config {
     /// Queues and the mailboxes (addresses) that feed them.
     #[serde(default)]
     pub queues: Vec<Queue>,
+    /// How ingest treats automated mail (auto-replies, bounces, bulk mail, loops), senders that flood the queues,
+    /// and mail it cannot store.
+    #[serde(default)]
+    pub ingest: Ingest,
 }
 
 /// The database contacts, mails and events are stored in.
@@ -167,6 +171,84 @@ impl Default for Defaults {
     }
 }
 
+/// Ingest policies: what happens to mail that should not open a contact.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ingest {
+    /// What to do with automated mail: auto-replies (`Auto-Submitted`, `X-Autoreply`, `X-Autorespond`,
+    /// `X-Auto-Response-Suppress`), bulk mail (`Precedence: bulk|junk|list`), bounces (delivery status
+    /// notifications, mailer-daemon / postmaster senders) and loops (From is one of our queue addresses).
+    /// Automated mail never opens a contact. Default `attach`.
+    #[serde(default)]
+    pub automated_mail: AutomatedMail,
+    /// A per-sender rate breaker shared by all instances: once a sender address has this many inbound mails stored
+    /// within the window, its further mail goes to quarantine. `null` turns it off. Default `{ max: 30, per: 10m }`.
+    #[serde(default = "default_sender_limit")]
+    pub sender_limit: Option<SenderLimit>,
+    /// The IMAP folder mail is moved to when it is quarantined (too large, unparsable, automated without a
+    /// contact, over the sender limit). It must not be a folder that an address fetches from. Default `Quarantine`.
+    #[serde(default = "default_quarantine_folder")]
+    pub quarantine_folder: String,
+}
+
+fn default_sender_limit() -> Option<SenderLimit> {
+    Some(SenderLimit::default())
+}
+fn default_quarantine_folder() -> String {
+    "Quarantine".into()
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Self {
+            automated_mail: AutomatedMail::default(),
+            sender_limit: default_sender_limit(),
+            quarantine_folder: default_quarantine_folder(),
+        }
+    }
+}
+
+/// What ingest does with automated mail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AutomatedMail {
+    /// Attach it to the contact it belongs to (a reply to one of our mails, a bounce of one of our replies)
+    /// without re-opening that contact; quarantine it when it belongs to none.
+    #[default]
+    Attach,
+    /// Always quarantine it.
+    Quarantine,
+}
+
+/// At most `max` inbound mails per sender address within `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SenderLimit {
+    /// Mails a sender may have stored within the window (at least 1). Default 30.
+    #[serde(default = "default_sender_max")]
+    #[schemars(range(min = 1))]
+    pub max: u32,
+    /// The window, e.g. `10m`. Default 10m.
+    #[serde(default = "default_sender_per")]
+    pub per: Interval,
+}
+
+fn default_sender_max() -> u32 {
+    30
+}
+fn default_sender_per() -> Interval {
+    Interval(Duration::from_secs(600))
+}
+
+impl Default for SenderLimit {
+    fn default() -> Self {
+        Self {
+            max: default_sender_max(),
+            per: default_sender_per(),
+        }
+    }
+}
+
 /// How a server obtains OAuth2 access tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -204,6 +286,10 @@ pub struct IncomingServer {
     /// Extra CA certificate (PEM) to trust, e.g. the local sandbox's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Whether mail is fetched from this server; `false` keeps its addresses configured (as queues and senders)
+    /// without ever connecting to it. Default `true`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
 }
 
 /// An IMAP server's address and TLS mode.

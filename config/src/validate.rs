@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    AuthType, Config, Role, Secret,
+    AfterFetch, AuthType, Config, Role, Secret,
     tree::{Node, Pos, Problem, kept, pair},
 };
 
@@ -42,6 +42,7 @@ pub(crate) fn validate(config: &Config, root: &Node, poisoned: &HashSet<usize>, 
     incoming_servers(config, root, poisoned, f);
     outgoing_server(config, root, f);
     queues(config, root, poisoned, f);
+    ingest(config, root, poisoned, f);
 }
 
 fn database(config: &Config, root: &Node, f: &mut Findings) {
@@ -257,6 +258,63 @@ fn queues(config: &Config, root: &Node, poisoned: &HashSet<usize>, f: &mut Findi
                 f.error(pos, format!("address `{}` is already used by queue `{other}` on line {line}; each address may feed only one queue", address.address));
             }
             address_server(address, node, &servers, &server_names, f);
+        }
+    }
+}
+
+/// `sender_limit.max` is at least 1, and `quarantine_folder` is a name that no address fetches from (quarantined
+/// mail would be fetched again); an address that moves its fetched mail there gets a warning.
+fn ingest(config: &Config, root: &Node, poisoned: &HashSet<usize>, f: &mut Findings) {
+    let node = root.get("ingest").unwrap_or(root);
+    let ingest = &config.ingest;
+    if let Some(limit) = &ingest.sender_limit
+        && limit.max == 0
+    {
+        let pos = node
+            .get("sender_limit")
+            .map_or(node.pos, |l| l.pos_of("max"));
+        f.error(
+            pos,
+            "ingest.sender_limit.max is 0; expected at least 1 (write `sender_limit: null` to turn the breaker off)",
+        );
+    }
+    let folder = ingest.quarantine_folder.trim();
+    let folder_pos = node.pos_of("quarantine_folder");
+    if folder.is_empty() {
+        f.error(
+            folder_pos,
+            "ingest.quarantine_folder is empty; expected an IMAP folder name such as `Quarantine`",
+        );
+        return;
+    }
+    let mut fetched_from = false;
+    for (queue, qnode) in pair(&config.queues, kept(root.get("queues"), poisoned), root) {
+        let anodes = kept(qnode.get("addresses"), poisoned);
+        for (address, anode) in pair(&queue.addresses, anodes, qnode) {
+            if !fetched_from && address.folder.trim().eq_ignore_ascii_case(folder) {
+                fetched_from = true;
+                f.error(
+                    folder_pos,
+                    format!(
+                        "ingest.quarantine_folder `{folder}` is the folder address `{}` fetches from (line {}); \
+                         quarantined mail would be fetched again",
+                        address.address,
+                        anode.pos.line
+                    ),
+                );
+            }
+            if let AfterFetch::Move(target) = &address.after_fetch
+                && target.trim().eq_ignore_ascii_case(folder)
+            {
+                f.warn(
+                    anode.pos_of("after_fetch"),
+                    format!(
+                        "address `{}` moves fetched mail to `{target}`, which is also `ingest.quarantine_folder`; \
+                         stored and quarantined mail would mix",
+                        address.address
+                    ),
+                );
+            }
         }
     }
 }

@@ -261,6 +261,56 @@ pub fn unparsable(host: &str, status: u16) -> Explanation {
     )
 }
 
+/// Who an IMAP XOAUTH2 login spoke for, to explain a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImapLogin<'a> {
+    /// *OAuth Service*: an app token (client credentials) of the app `client_id`.
+    App { client_id: &'a str },
+    /// *OAuth User*: a delegated token (password grant) of the mailbox's own user.
+    User,
+}
+
+/// The IMAP server refused an XOAUTH2 login to `mailbox` with a token that was just issued (so it is neither
+/// expired nor revoked): what Exchange Online checks, as a checklist. Only the mailbox and the client id are named,
+/// never a secret.
+pub fn imap_auth_refused(login: ImapLogin<'_>, mailbox: &str) -> Explanation {
+    match login {
+        ImapLogin::App { client_id } => Explanation::new(
+            format!(
+                "Exchange Online refused the app token of app {client_id} for the mailbox {mailbox}: the app \
+                 is not allowed to open this mailbox over IMAP"
+            ),
+            format!(
+                "check three things: (1) in Entra ID the app has the application permission IMAP.AccessAsApp \
+                 (Office 365 Exchange Online) with admin consent granted; (2) its service principal is registered in \
+                 Exchange Online: `New-ServicePrincipal -AppId {client_id} -ObjectId <object id of the app's \
+                 Enterprise application>`; (3) that service principal has FullAccess on this mailbox: \
+                 `Add-MailboxPermission -Identity {mailbox} -User <service principal id> -AccessRights FullAccess` \
+                 (changes can take up to an hour to apply)"
+            ),
+        ),
+        ImapLogin::User => Explanation::new(
+            format!(
+                "Exchange Online refused the delegated (OAuth User) token for the mailbox {mailbox}"
+            ),
+            format!(
+                "check that the mailbox's `password` is still the user's password (update it after a change), that \
+                 IMAP is enabled for the mailbox (`Set-CASMailbox -Identity {mailbox} -ImapEnabled $true`), that the \
+                 token is for this mailbox's own user (`account`), and that the app has the delegated permission \
+                 IMAP.AccessAsUser.All with consent granted"
+            ),
+        ),
+    }
+}
+
+/// The IMAP server could not check the token just now (`[UNAVAILABLE]`): transient.
+pub fn imap_auth_unavailable(host: &str) -> Explanation {
+    Explanation::new(
+        format!("the IMAP server {host} could not check the access token just now (temporary)"),
+        "nothing to change if it passes; mailqueue retries with backoff",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +365,38 @@ mod tests {
         assert!(aadsts(7000218).unwrap().fix.contains("public client flows"));
         assert!(aadsts(53003).unwrap().cause.contains("Conditional Access"));
         assert!(aadsts(700082).unwrap().cause.contains("refresh token"));
+    }
+
+    #[test]
+    fn imap_auth_checklists() {
+        let app = imap_auth_refused(
+            ImapLogin::App {
+                client_id: "6e1f0c2d",
+            },
+            "support@contoso.com",
+        );
+        for needle in [
+            "IMAP.AccessAsApp",
+            "admin consent",
+            "New-ServicePrincipal -AppId 6e1f0c2d",
+            "Add-MailboxPermission -Identity support@contoso.com",
+            "FullAccess",
+        ] {
+            assert!(app.fix.contains(needle), "{needle}: {app}");
+        }
+        assert!(app.cause.contains("support@contoso.com"));
+        let user = imap_auth_refused(ImapLogin::User, "anna@contoso.com");
+        for needle in [
+            "password",
+            "ImapEnabled",
+            "IMAP.AccessAsUser.All",
+            "consent",
+        ] {
+            assert!(user.fix.contains(needle), "{needle}: {user}");
+        }
+        for e in [app, user, imap_auth_unavailable("h")] {
+            assert!(!e.cause.ends_with('.') && !e.fix.ends_with('.'), "{e}");
+        }
     }
 
     #[test]

@@ -11,3 +11,4 @@
 pub mod explain;
 pub mod imap;
 pub mod oauth;
+pub mod smtp;

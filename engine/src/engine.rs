@@ -17,6 +17,7 @@ pub struct Engine {
     config: Arc<RwLock<Arc<Config>>>,
     queues: Arc<RwLock<Arc<QueueDirectory>>>,
     events_appended: Arc<Notify>,
+    mailboxes: crate::mailboxes::StatusBoard,
 }
 
 /// Queues by name and id, as synced from the configuration.
@@ -58,6 +59,7 @@ impl Engine {
             config: Arc::new(RwLock::new(Arc::new(config))),
             queues: Arc::default(),
             events_appended: Arc::default(),
+            mailboxes: crate::mailboxes::StatusBoard::default(),
         };
         engine.sync_queues().await?;
         Ok(engine)
@@ -113,5 +115,10 @@ impl Engine {
     /// Resolves when events may have been appended (or spuriously); used by long polls.
     pub fn events_notify(&self) -> &Notify {
         &self.events_appended
+    }
+
+    /// The status of every fetched mailbox (filled by the mailbox workers, read by `GET /v1/mailboxes`).
+    pub fn mailboxes(&self) -> &crate::mailboxes::StatusBoard {
+        &self.mailboxes
     }
 }

@@ -39,7 +39,7 @@ pub struct ImportReport {
     pub imported: u64,
     /// Mails stored before (same content).
     pub duplicate: u64,
-    /// Mails that joined an existing contact (replies).
+    /// Mails that joined an existing contact (replies, and automated mail attached to its contact).
     pub threaded: u64,
     /// Mails kept in quarantine (too large, unparsable).
     pub quarantined: u64,
@@ -66,7 +66,7 @@ impl ImportReport {
     fn record(&mut self, outcome: &Outcome) {
         match outcome {
             Outcome::Created { .. } => self.imported += 1,
-            Outcome::Threaded { .. } => self.threaded += 1,
+            Outcome::Threaded { .. } | Outcome::Attached { .. } => self.threaded += 1,
             Outcome::Duplicate => self.duplicate += 1,
             Outcome::Quarantined { .. } => self.quarantined += 1,
         }
@@ -217,8 +217,9 @@ async fn ingest_one(
     report: &mut ImportReport,
     bar: Option<&ProgressBar>,
 ) {
+    // Without the sender limit: an archive holds many mails of one sender.
     match engine
-        .ingest(Incoming {
+        .ingest_unlimited(Incoming {
             raw,
             address,
             source_key: None,

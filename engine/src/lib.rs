@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod import;
 pub mod ingest;
+pub mod mailboxes;
 pub mod messages;
 pub mod outbox;
 pub mod queues;

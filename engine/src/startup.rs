@@ -7,7 +7,7 @@ use mailqueue_config::{Config, DatabaseKind};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{api, engine::Engine, rescuer};
+use crate::{api, engine::Engine, mailboxes, rescuer};
 
 /// How long [`RunningApp::stop`] waits for open requests before cutting them off.
 const GRACE: Duration = Duration::from_secs(10);
@@ -22,7 +22,8 @@ pub struct RunningApp {
     services: Vec<JoinHandle<()>>,
 }
 
-/// Binds `config.api.listen`, starts the engine (connect, migrate, sync queues), the rescuer and the API.
+/// Binds `config.api.listen`, starts the engine (connect, migrate, sync queues), the rescuer, the mailbox workers
+/// and the API.
 pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
     let listener = TcpListener::bind(&config.api.listen)
         .await
@@ -35,11 +36,11 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
 
     let lease = config.defaults.claim_lease.0;
     let every = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let services = vec![tokio::spawn(rescuer::run(
-        engine.clone(),
-        every,
-        stop.clone(),
-    ))];
+    let services = vec![
+        tokio::spawn(rescuer::run(engine.clone(), every, stop.clone())),
+        // The mailbox workers: IMAP → queues, until `stop` (IDLE is cancelled, a batch being stored finishes).
+        mailboxes::spawn(engine.clone(), &config, stop.clone()),
+    ];
 
     let router = api::router(engine.clone(), &config, stop.clone());
     let shutdown = stop.clone().cancelled_owned();

@@ -30,12 +30,20 @@ struct Migration {
     sqlite: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    postgres: include_str!("sql/0001_initial.postgres.sql"),
-    sqlite: include_str!("sql/0001_initial.sqlite.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        postgres: include_str!("sql/0001_initial.postgres.sql"),
+        sqlite: include_str!("sql/0001_initial.sqlite.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "sender_rate",
+        postgres: include_str!("sql/0002_sender_rate.postgres.sql"),
+        sqlite: include_str!("sql/0002_sender_rate.sqlite.sql"),
+    },
+];
 
 /// Opens a connection pool. SQLite files are created when missing, run in WAL mode and wait for locks instead of
 /// failing, so an `import` can run beside `serve`.

@@ -84,6 +84,7 @@ incoming_servers:
     client_id: "00000000-0000-0000-0000-000000000000"
     client_secret: not-a-real-secret
     imap: {{ host: outlook.office365.com, port: 993, tls: implicit }}
+    enabled: false
 queues:
   - name: support
     priority: 5
@@ -296,4 +297,407 @@ pub async fn seed_contact(
     .await
     .expect("insert contact");
     contact.id
+}
+
+// ---- Mailbox tests: the engine against the local Microsoft 365 sandbox ----
+
+/// An incoming server of a [`SandboxConfig`].
+#[derive(Debug, Clone)]
+pub struct SbServer {
+    pub name: String,
+    /// `oauth_service` or `oauth_user`.
+    pub auth: &'static str,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    pub login_address: String,
+    /// `implicit` (the IMAPS port) or `starttls` (the IMAP port).
+    pub tls: &'static str,
+    pub port: u16,
+}
+
+impl SbServer {
+    /// The sandbox's service app (client credentials) over implicit TLS, tokens from the tenant named by its id.
+    pub fn service(sb: &mailqueue_sandbox::Sandbox, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            auth: "oauth_service",
+            client_id: sb.service_app().client_id.clone(),
+            client_secret: Some(sb.service_app().client_secret.clone()),
+            login_address: sb.login_address(sb.tenant_id()),
+            tls: "implicit",
+            port: sb.imaps_port(),
+        }
+    }
+
+    /// The sandbox's public client (password grant) over STARTTLS.
+    pub fn user(sb: &mailqueue_sandbox::Sandbox, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            auth: "oauth_user",
+            client_id: sb
+                .public_client_id()
+                .expect("the sandbox world has a public client")
+                .to_owned(),
+            client_secret: None,
+            login_address: sb.login_address(sb.tenant_id()),
+            tls: "starttls",
+            port: sb.imap_port(),
+        }
+    }
+
+    pub fn with_secret(mut self, secret: &str) -> Self {
+        self.client_secret = Some(secret.into());
+        self
+    }
+
+    /// Tokens from `login_address(tenant)`, e.g. the tenant's domain instead of its id (another token cache key).
+    pub fn with_tenant(mut self, sb: &mailqueue_sandbox::Sandbox, tenant: &str) -> Self {
+        self.login_address = sb.login_address(tenant);
+        self
+    }
+}
+
+/// A queue address of a [`SandboxConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct SbAddress {
+    pub address: String,
+    pub server: String,
+    pub priority: Option<i32>,
+    pub language: Option<String>,
+    pub password: Option<String>,
+    pub folder: Option<String>,
+    /// YAML of `after_fetch`, e.g. `delete` or `{ move: Processed }`.
+    pub after_fetch: Option<String>,
+}
+
+impl SbAddress {
+    pub fn new(address: &str, server: &str) -> Self {
+        Self {
+            address: address.into(),
+            server: server.into(),
+            ..Self::default()
+        }
+    }
+    pub fn priority(mut self, p: i32) -> Self {
+        self.priority = Some(p);
+        self
+    }
+    pub fn language(mut self, l: &str) -> Self {
+        self.language = Some(l.into());
+        self
+    }
+    pub fn password(mut self, p: &str) -> Self {
+        self.password = Some(p.into());
+        self
+    }
+    pub fn folder(mut self, f: &str) -> Self {
+        self.folder = Some(f.into());
+        self
+    }
+    pub fn after_fetch(mut self, yaml: &str) -> Self {
+        self.after_fetch = Some(yaml.into());
+        self
+    }
+}
+
+/// A queue of a [`SandboxConfig`].
+#[derive(Debug, Clone)]
+pub struct SbQueue {
+    pub name: String,
+    pub priority: i32,
+    pub language: String,
+    pub addresses: Vec<SbAddress>,
+}
+
+impl SbQueue {
+    pub fn new(name: &str, priority: i32, language: &str, addresses: Vec<SbAddress>) -> Self {
+        Self {
+            name: name.into(),
+            priority,
+            language: language.into(),
+            addresses,
+        }
+    }
+}
+
+/// An engine configuration wired to [`mailqueue_sandbox::Sandbox::shared`]: the API on a random port with the
+/// tokens of [`config_yaml`] (alice agent, router, admin), the sandbox CA as `ca_file`, a short poll interval.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub db_url: String,
+    /// Default `127.0.0.1:0`.
+    pub listen: String,
+    /// Default `2s`.
+    pub poll_interval: String,
+    /// Default 25.
+    pub max_email_size_mb: u32,
+    pub ca_file: String,
+    pub servers: Vec<SbServer>,
+    pub queues: Vec<SbQueue>,
+    /// Appended as it is (e.g. an `ingest:` section).
+    pub extra: String,
+}
+
+/// The addresses [`SandboxConfig::standard`] created.
+#[derive(Debug, Clone)]
+pub struct StandardBoxes {
+    /// `support` (priority 5, en) on the `svc` server, with address priority 3 and language de.
+    pub service: String,
+    /// `sales` (priority 1, fr) on the `usr` server (a user's own mailbox, its password), language it.
+    pub user: String,
+    pub user_password: String,
+}
+
+impl SandboxConfig {
+    /// No servers, no queues.
+    pub fn empty(sb: &mailqueue_sandbox::Sandbox, db_url: &str) -> Self {
+        Self {
+            db_url: db_url.into(),
+            listen: "127.0.0.1:0".into(),
+            poll_interval: "2s".into(),
+            max_email_size_mb: 25,
+            ca_file: sb.ca_file().display().to_string(),
+            servers: Vec::new(),
+            queues: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// An `oauth_service` server `svc` (the service app) and an `oauth_user` server `usr` (the public client);
+    /// queue `support` fed by a fresh shared mailbox on `svc`, queue `sales` by a fresh user's own mailbox on `usr`.
+    pub fn standard(
+        sb: &mailqueue_sandbox::Sandbox,
+        db_url: &str,
+        prefix: &str,
+    ) -> (Self, StandardBoxes) {
+        let service = sb.new_mailbox(&format!("{prefix}-svc"));
+        let (user, password) = sb.new_user(&format!("{prefix}-usr"));
+        let mut config = Self::empty(sb, db_url);
+        config.servers = vec![SbServer::service(sb, "svc"), SbServer::user(sb, "usr")];
+        config.queues = vec![
+            SbQueue::new(
+                "support",
+                5,
+                "en",
+                vec![SbAddress::new(&service, "svc").priority(3).language("de")],
+            ),
+            SbQueue::new(
+                "sales",
+                1,
+                "fr",
+                vec![
+                    SbAddress::new(&user, "usr")
+                        .password(&password)
+                        .language("it"),
+                ],
+            ),
+        ];
+        let boxes = StandardBoxes {
+            service,
+            user,
+            user_password: password,
+        };
+        (config, boxes)
+    }
+
+    /// The YAML text.
+    pub fn yaml(&self) -> String {
+        use std::fmt::Write as _;
+        let q = |s: &str| serde_json::to_string(s).expect("a JSON string is a YAML string");
+        let mut out = format!(
+            "database: {{ url: {db} }}\napi:\n  listen: {listen}\n  tokens:\n\
+             \x20   - {{ name: alice, role: agent, secret: alice-token, queues: [{queues}] }}\n\
+             \x20   - {{ name: router, role: router, secret: router-token }}\n\
+             \x20   - {{ name: admin, role: admin, secret: admin-token }}\n\
+             defaults: {{ language: en, poll_interval: {poll}, max_email_size_mb: {max}, claim_lease: 5m }}\n",
+            db = q(&self.db_url),
+            listen = q(&self.listen),
+            queues = self
+                .queues
+                .iter()
+                .map(|qu| q(&qu.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            poll = self.poll_interval,
+            max = self.max_email_size_mb,
+        );
+        out.push_str("incoming_servers:\n");
+        for s in &self.servers {
+            let _ = writeln!(
+                out,
+                "  - name: {}\n    login_address: {}\n    auth: {}\n    client_id: {}",
+                q(&s.name),
+                q(&s.login_address),
+                s.auth,
+                q(&s.client_id)
+            );
+            if let Some(secret) = &s.client_secret {
+                let _ = writeln!(out, "    client_secret: {}", q(secret));
+            }
+            let _ = writeln!(
+                out,
+                "    imap: {{ host: \"127.0.0.2\", port: {}, tls: {} }}\n    ca_file: {}",
+                s.port,
+                s.tls,
+                q(&self.ca_file)
+            );
+        }
+        out.push_str("queues:\n");
+        for queue in &self.queues {
+            let _ = writeln!(
+                out,
+                "  - name: {}\n    priority: {}\n    language: {}\n    addresses:",
+                q(&queue.name),
+                queue.priority,
+                queue.language
+            );
+            for a in &queue.addresses {
+                let _ = writeln!(
+                    out,
+                    "      - address: {}\n        server: {}\n        sender: true",
+                    q(&a.address),
+                    q(&a.server)
+                );
+                if let Some(p) = a.priority {
+                    let _ = writeln!(out, "        priority: {p}");
+                }
+                if let Some(l) = &a.language {
+                    let _ = writeln!(out, "        language: {l}");
+                }
+                if let Some(p) = &a.password {
+                    let _ = writeln!(out, "        password: {}", q(p));
+                }
+                if let Some(f) = &a.folder {
+                    let _ = writeln!(out, "        folder: {}", q(f));
+                }
+                if let Some(x) = &a.after_fetch {
+                    let _ = writeln!(out, "        after_fetch: {x}");
+                }
+            }
+        }
+        out.push_str(&self.extra);
+        out
+    }
+}
+
+/// Starts the engine and its API (`startup::spawn`, as `mailqueue serve` does) with a configuration text.
+pub async fn spawn_app_with(db: TestDb, yaml: &str) -> TestApp {
+    let running = mailqueue_engine::startup::spawn(parse_config(yaml))
+        .await
+        .expect("app starts");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("HTTP client");
+    TestApp {
+        addr: running.addr,
+        engine: running.engine.clone(),
+        client,
+        db,
+        running: Some(running),
+    }
+}
+
+/// Calls `check` every 50 ms until it returns `Some`, and returns that; panics with `what` after `limit`.
+pub async fn eventually<T>(
+    what: &str,
+    limit: std::time::Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+impl TestApp {
+    /// `GET /v1/mailboxes` as admin.
+    pub async fn mailboxes(&self) -> Vec<serde_json::Value> {
+        let r = self.get("/v1/mailboxes", "admin-token").await;
+        assert_eq!(r.status(), 200, "GET /v1/mailboxes");
+        r.json().await.expect("JSON")
+    }
+
+    /// The status of the mailbox `address` from `GET /v1/mailboxes`.
+    pub async fn mailbox(&self, address: &str) -> serde_json::Value {
+        self.mailboxes()
+            .await
+            .into_iter()
+            .find(|m| m["address"].as_str() == Some(address))
+            .unwrap_or_else(|| panic!("{address} is not in GET /v1/mailboxes"))
+    }
+}
+
+/// An IMAP session on a sandbox mailbox for checks (flags, folders): a delegated token for a user's own mailbox,
+/// else an app token of the service app (which has FullAccess on `new_mailbox` mailboxes).
+pub async fn inspect(
+    sb: &mailqueue_sandbox::Sandbox,
+    mailbox: &str,
+) -> mailqueue_connectors::imap::MailboxSession {
+    use mailqueue_connectors::imap;
+    use mailqueue_sandbox::{idp::MintRequest, sandbox::IMAP_AUDIENCE};
+    let is_user = sb.idp().world().user(mailbox).is_some();
+    let request = if is_user {
+        MintRequest::user(
+            sb.tenant_id(),
+            sb.public_client_id().expect("a public client"),
+            mailbox,
+            IMAP_AUDIENCE,
+            &["IMAP.AccessAsUser.All"],
+        )
+    } else {
+        MintRequest::app(
+            sb.tenant_id(),
+            &sb.service_app().client_id,
+            IMAP_AUDIENCE,
+            &["IMAP.AccessAsApp"],
+        )
+    }
+    .lifetime(3600);
+    let (token, _) = sb.idp().mint(&request).expect("mint a token");
+    let endpoint = mailqueue_config::model::ImapEndpoint {
+        host: sb.mail_host().to_string(),
+        port: sb.imaps_port(),
+        tls: mailqueue_config::model::ImapTls::Implicit,
+    };
+    let tls = imap::ImapTls::new(Some(sb.ca_file())).expect("the sandbox CA");
+    let client = imap::connect(&endpoint, &tls).await.expect("IMAP connect");
+    imap::authenticate_xoauth2(client, mailbox, &token)
+        .await
+        .unwrap_or_else(|e| panic!("IMAP login to {mailbox}: {e}"))
+}
+
+/// `(all UIDs, seen UIDs)` of `folder` in a sandbox mailbox (empty when the folder does not exist).
+pub async fn folder_uids(
+    sb: &mailqueue_sandbox::Sandbox,
+    mailbox: &str,
+    folder: &str,
+) -> (Vec<u32>, Vec<u32>) {
+    let mut s = inspect(sb, mailbox).await;
+    let result = match s.select(folder).await {
+        Ok(_) => (
+            s.uid_search("ALL").await.expect("SEARCH ALL"),
+            s.uid_search("SEEN").await.expect("SEARCH SEEN"),
+        ),
+        Err(_) => (Vec::new(), Vec::new()),
+    };
+    let _ = s.logout().await;
+    result
+}
+
+impl TestApp {
+    /// Stops the app gracefully and hands its database back, for another run over the same data.
+    pub async fn stop_keep_db(mut self) -> TestDb {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        self.db
+    }
 }

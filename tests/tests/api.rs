@@ -782,6 +782,7 @@ async fn openapi_and_docs(kind: Kind) {
     let paths = doc["paths"].as_object().unwrap();
     let expected = [
         ("/v1/queues", "get"),
+        ("/v1/mailboxes", "get"),
         ("/v1/contacts/claim", "post"),
         ("/v1/contacts/{id}", "get"),
         ("/v1/contacts/{id}/messages/{mid}/raw", "get"),

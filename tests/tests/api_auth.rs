@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 fn routes() -> Vec<(Method, &'static str, Option<Value>)> {
     vec![
         (Method::GET, "/v1/queues", None),
+        (Method::GET, "/v1/mailboxes", None),
         (Method::POST, "/v1/contacts/claim", None),
         (Method::GET, "/v1/contacts/1", None),
         (Method::GET, "/v1/contacts/1/messages/1/raw", None),

@@ -47,11 +47,13 @@ incoming_servers:
     client_id: "11111111-1111-1111-1111-111111111111"
     client_secret: {{ file: client_secret }}
     imap: {{ host: outlook.office365.com }}
+    enabled: false
   - name: usr
     login_address: "https://login.microsoftonline.com/contoso.onmicrosoft.com"
     auth: oauth_user
     client_id: "22222222-2222-2222-2222-222222222222"
     imap: {{ host: outlook.office365.com }}
+    enabled: false
 queues:
   - name: support
     addresses:

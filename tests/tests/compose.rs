@@ -398,27 +398,31 @@ fn compose_config_loads_for_postgres_on_all_interfaces() {
 }
 
 #[test]
-fn quickstart_config_loads_with_the_secrets_the_script_exports() {
-    let (loaded, names) = load_with_fake_secrets("config/examples/quickstart.yaml");
+fn offline_config_loads_and_contacts_no_server() {
+    let (loaded, names) = load_with_fake_secrets("config/examples/offline.yaml");
     let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
     assert!(
         warnings.is_empty(),
-        "config/examples/quickstart.yaml has warnings:\n{}",
+        "config/examples/offline.yaml has warnings:\n{}",
         warnings.join("\n")
     );
 
-    let script = read("scripts/quickstart");
+    let header = read("config/examples/offline.yaml");
     for name in &names {
         assert!(
-            script.contains(name),
-            "quickstart.yaml reads `{name}`, which scripts/quickstart never sets"
+            header.contains(&format!("export {name}=")) || header.contains(&format!(" {name}=")),
+            "offline.yaml reads `{name}`, which its header does not tell the reader to export"
         );
     }
+    assert!(
+        loaded.config.incoming_servers.iter().all(|s| !s.enabled),
+        "the offline example must not contact any mail server"
+    );
 
     let config = loaded.config;
     assert_eq!(
         config.database.url, "sqlite://data/mailqueue.db",
-        "the quickstart writes only below ./data/"
+        "the offline example writes only below ./data/"
     );
     let support = config.queue("support").expect("queue support");
     assert_eq!(support.addresses.len(), 2, "support has two addresses");

@@ -5,6 +5,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /v1/queues` | live figures of the queues the caller sees |
+//! | `GET /v1/mailboxes` | what each mailbox worker is doing (router, admin) |
 //! | `POST /v1/contacts/claim` | claim the next waiting contact (200) or nothing (204) |
 //! | `GET /v1/contacts/{id}` | a contact with its messages and replies |
 //! | `GET /v1/contacts/{id}/messages/{mid}/raw` | a message's RFC 822 bytes (`message/rfc822`) |
@@ -21,6 +22,7 @@ pub mod contacts;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod mailboxes;
 pub mod openapi;
 pub mod queues;
 
@@ -62,6 +64,7 @@ pub fn router(engine: Engine, config: &Config, shutdown: CancellationToken) -> R
 
     let v1 = Router::new()
         .route("/v1/queues", get(queues::list))
+        .route("/v1/mailboxes", get(mailboxes::list))
         .route("/v1/contacts/claim", post(contacts::claim))
         .route("/v1/contacts/{id}", get(contacts::detail))
         .route(

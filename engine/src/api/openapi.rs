@@ -5,7 +5,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{contacts, error, events, health, queues};
+use super::{contacts, error, events, health, mailboxes, queues};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,7 @@ use super::{contacts, error, events, health, queues};
     ),
     paths(
         queues::list,
+        mailboxes::list,
         contacts::claim,
         contacts::detail,
         contacts::raw_message,
@@ -49,10 +50,14 @@ use super::{contacts, error, events, health, queues};
         contacts::AssignRequest,
         events::EventsPage,
         health::Health,
+        crate::mailboxes::MailboxStatus,
+        crate::mailboxes::MailboxState,
+        crate::mailboxes::MailboxError,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "queues", description = "Queue figures"),
+        (name = "mailboxes", description = "The mailboxes mail is fetched from"),
         (name = "contacts", description = "Claiming and working contacts"),
         (name = "events", description = "The event log"),
         (name = "health", description = "Liveness and readiness"),

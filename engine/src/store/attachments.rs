@@ -39,6 +39,46 @@ pub async fn insert(db: &impl ConnectionTrait, a: NewAttachment) -> Result<i64, 
     row.try_get::<i64>("", "id")
 }
 
+/// Attachments per statement of [`insert_many`] at most (7 values each) …
+const ROWS_PER_INSERT: usize = 256;
+/// … and at most about this many bytes of data per statement (a single larger attachment goes alone).
+const BYTES_PER_INSERT: usize = 32 * 1024 * 1024;
+
+/// Inserts attachments in the given order, in statements of a power-of-two number of rows (see
+/// `store::pow2_chunks`) and about 32 MB of data at most.
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    attachments: Vec<NewAttachment>,
+) -> Result<(), DbErr> {
+    for chunk in super::insert_chunks(attachments, ROWS_PER_INSERT, BYTES_PER_INSERT, |a| {
+        a.data.len()
+    }) {
+        insert_chunk(db, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn insert_chunk(db: &impl ConnectionTrait, chunk: Vec<NewAttachment>) -> Result<(), DbErr> {
+    let rows = super::value_rows(chunk.len(), 7);
+    let sql = format!(
+        "INSERT INTO attachments (message_id, filename, content_type, content_id, inline, size, data) VALUES {rows}"
+    );
+    let values = chunk.into_iter().flat_map(|a| {
+        let size = a.data.len() as i64;
+        [
+            a.message_id.into(),
+            a.filename.into(),
+            a.content_type.into(),
+            a.content_id.into(),
+            a.inline.into(),
+            size.into(),
+            a.data.into(),
+        ]
+    });
+    db.execute_raw(stmt(db, &sql, values)).await?;
+    Ok(())
+}
+
 /// An attachment without its data.
 #[derive(Debug, Clone, FromQueryResult)]
 pub struct AttachmentRow {

@@ -63,6 +63,131 @@ pub async fn get_for_update(
         .await
 }
 
+/// Reads the contacts `ids` in id order and, on PostgreSQL, locks their rows until the transaction ends (see
+/// [`get_for_update`]); locking in id order keeps two such transactions from deadlocking each other.
+pub async fn get_many_for_update(
+    db: &impl ConnectionTrait,
+    ids: &[i64],
+) -> Result<Vec<contact::Model>, DbErr> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let lock = match Backend::of(db) {
+        Backend::Postgres => " FOR UPDATE",
+        Backend::Sqlite => "",
+    };
+    let ids = super::padded(ids.into_iter().map(Value::from), Value::BigInt(None));
+    let sql = format!(
+        "SELECT * FROM contacts WHERE id IN ({}) ORDER BY id{lock}",
+        placeholders(1, ids.len())
+    );
+    contact::Entity::find()
+        .from_raw_sql(stmt(db, &sql, ids))
+        .all(db)
+        .await
+}
+
+/// Contacts per statement of [`insert_many`] at most (12 values each).
+const CONTACTS_PER_INSERT: usize = 256;
+
+/// Inserts new contacts (state `queued`) and returns their ids in the given order. PostgreSQL: the ids are taken
+/// from the identity's sequence in one statement, then the rows inserted with them in few multi-row statements.
+/// SQLite (in-process, so statements are cheap): one `INSERT … RETURNING id` per contact.
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    contacts: Vec<NewContact>,
+) -> Result<Vec<i64>, DbErr> {
+    if contacts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = Utc::now();
+    if Backend::of(db) == Backend::Sqlite {
+        let mut ids = Vec::with_capacity(contacts.len());
+        for c in contacts {
+            let row = db
+                .query_one_raw(stmt(
+                    db,
+                    "INSERT INTO contacts (queue_id, state, priority, language, arrived_on, customer_address, \
+                     customer_name, subject, queued_at, created_at, updated_at) \
+                     VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING id",
+                    [
+                        c.queue_id.into(),
+                        c.priority.into(),
+                        c.language.into(),
+                        c.arrived_on.into(),
+                        c.customer_address.into(),
+                        c.customer_name.into(),
+                        c.subject.into(),
+                        c.queued_at.into(),
+                        now.into(),
+                    ],
+                ))
+                .await?
+                .ok_or(DbErr::RecordNotInserted)?;
+            ids.push(row.try_get::<i64>("", "id")?);
+        }
+        return Ok(ids);
+    }
+    let ids: Vec<i64> = db
+        .query_all_raw(stmt(
+            db,
+            "SELECT nextval(pg_get_serial_sequence('contacts', 'id')) AS id FROM generate_series(1, $1)",
+            [(contacts.len() as i64).into()],
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64>("", "id"))
+        .collect::<Result<_, _>>()?;
+    if ids.len() != contacts.len() {
+        return Err(DbErr::RecordNotInserted);
+    }
+    let rows: Vec<(i64, NewContact)> = ids.iter().copied().zip(contacts).collect();
+    for chunk in super::insert_chunks(rows, CONTACTS_PER_INSERT, usize::MAX, |_| 0) {
+        let sql = format!(
+            "INSERT INTO contacts (id, queue_id, state, priority, language, arrived_on, customer_address, \
+             customer_name, subject, queued_at, created_at, updated_at) VALUES {}",
+            super::value_rows(chunk.len(), 12)
+        );
+        let values = chunk.into_iter().flat_map(|(id, c)| {
+            [
+                id.into(),
+                c.queue_id.into(),
+                "queued".into(),
+                c.priority.into(),
+                c.language.into(),
+                c.arrived_on.into(),
+                c.customer_address.into(),
+                c.customer_name.into(),
+                c.subject.into(),
+                c.queued_at.into(),
+                now.into(),
+                now.into(),
+            ]
+        });
+        db.execute_raw(stmt(db, &sql, values)).await?;
+    }
+    Ok(ids)
+}
+
+/// Re-opens the closed contacts among `ids`; their wait starts now.
+pub async fn reopen_many(db: &impl ConnectionTrait, ids: &[i64]) -> Result<(), DbErr> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let list = super::padded(ids.iter().copied().map(Value::from), Value::BigInt(None));
+    let sql = format!(
+        "UPDATE contacts SET state = 'queued', closed_at = NULL, queued_at = $1, updated_at = $1 \
+         WHERE state = 'closed' AND id IN ({})",
+        placeholders(2, list.len())
+    );
+    let values = std::iter::once(Value::from(Utc::now())).chain(list);
+    db.execute_raw(stmt(db, &sql, values)).await?;
+    Ok(())
+}
+
 /// What `claim_next` may take.
 #[derive(Debug, Clone)]
 pub struct ClaimFilter<'a> {

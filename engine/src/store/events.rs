@@ -38,6 +38,36 @@ pub async fn insert(db: &impl ConnectionTrait, e: NewEvent<'_>) -> Result<(), Db
     Ok(())
 }
 
+/// Events per statement of [`insert_many`] at most (6 values each).
+const EVENTS_PER_INSERT: usize = 256;
+
+/// Inserts events in the given order (their ids, and so their sequence, follow it), in statements of a
+/// power-of-two number of rows (see `store::pow2_chunks`).
+pub async fn insert_many(db: &impl ConnectionTrait, events: &[NewEvent<'_>]) -> Result<(), DbErr> {
+    let now = Utc::now();
+    let mut rest = events;
+    for size in super::pow2_chunks(events.len(), EVENTS_PER_INSERT) {
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        let rows = super::value_rows(chunk.len(), 6);
+        let sql = format!(
+            "INSERT INTO events (kind, contact_id, queue, actor, data, created_at) VALUES {rows}"
+        );
+        let values = chunk.iter().flat_map(|e| {
+            [
+                e.kind.into(),
+                e.contact_id.into(),
+                e.queue.map(str::to_owned).into(),
+                e.actor.map(str::to_owned).into(),
+                e.data.clone().into(),
+                now.into(),
+            ]
+        });
+        db.execute_raw(stmt(db, &sql, values)).await?;
+    }
+    Ok(())
+}
+
 const SEQUENCE_SQL: &str = "WITH todo AS (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS rn FROM events WHERE seq IS NULL), \
      base AS (SELECT COALESCE(MAX(seq), 0) AS m FROM events) \
      UPDATE events SET seq = base.m + todo.rn FROM todo, base WHERE events.id = todo.id";

@@ -1,9 +1,11 @@
 //! SQL of the `messages` table.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, Value};
 
-use super::{placeholders, stmt};
+use super::{padded, placeholders, stmt};
 
 /// Fields of a new message, inbound (ingest) or outbound (reply).
 #[derive(Debug, Clone)]
@@ -35,44 +37,179 @@ pub struct NewMessage {
     pub created_by: Option<String>,
 }
 
+const INSERT_SQL: &str = "INSERT INTO messages (contact_id, direction, source_key, mailbox, message_id, in_reply_to, \"references\", \
+     from_address, from_name, reply_to, to_addresses, cc_addresses, subject, sent_at, headers, text_body, \
+     html_body, raw, size, created_by, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
+
+fn insert_values(m: NewMessage) -> [Value; 21] {
+    [
+        m.contact_id.into(),
+        m.direction.into(),
+        m.source_key.into(),
+        m.mailbox.into(),
+        m.message_id.into(),
+        m.in_reply_to.into(),
+        m.references.into(),
+        m.from_address.into(),
+        m.from_name.into(),
+        m.reply_to.into(),
+        m.to_addresses.into(),
+        m.cc_addresses.into(),
+        m.subject.into(),
+        m.sent_at.into(),
+        m.headers.into(),
+        m.text_body.into(),
+        m.html_body.into(),
+        m.raw.into(),
+        m.size.into(),
+        m.created_by.into(),
+        Utc::now().into(),
+    ]
+}
+
 /// Inserts a message and returns its id. A second message with the same `source_key` fails with a unique
-/// violation (`DbErr::sql_err`), which ingest turns into a duplicate.
+/// violation (`DbErr::sql_err`).
 pub async fn insert(db: &impl ConnectionTrait, m: NewMessage) -> Result<i64, DbErr> {
     let row = db
         .query_one_raw(stmt(
             db,
-            "INSERT INTO messages (contact_id, direction, source_key, mailbox, message_id, in_reply_to, \"references\", \
-             from_address, from_name, reply_to, to_addresses, cc_addresses, subject, sent_at, headers, text_body, \
-             html_body, raw, size, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
-             RETURNING id",
-            [
-                m.contact_id.into(),
-                m.direction.into(),
-                m.source_key.into(),
-                m.mailbox.into(),
-                m.message_id.into(),
-                m.in_reply_to.into(),
-                m.references.into(),
-                m.from_address.into(),
-                m.from_name.into(),
-                m.reply_to.into(),
-                m.to_addresses.into(),
-                m.cc_addresses.into(),
-                m.subject.into(),
-                m.sent_at.into(),
-                m.headers.into(),
-                m.text_body.into(),
-                m.html_body.into(),
-                m.raw.into(),
-                m.size.into(),
-                m.created_by.into(),
-                Utc::now().into(),
-            ],
+            &format!("{INSERT_SQL} RETURNING id"),
+            insert_values(m),
         ))
         .await?
         .ok_or(DbErr::RecordNotInserted)?;
     row.try_get::<i64>("", "id")
+}
+
+/// Messages per statement of [`insert_many`] at most (21 values each) …
+const MESSAGES_PER_INSERT: usize = 256;
+/// … and at most about this many bytes of raw mail and bodies per statement.
+const BYTES_PER_INSERT: usize = 32 * 1024 * 1024;
+
+/// Inserts messages, each with its own distinct `source_key`, in few multi-row statements (see
+/// `store::insert_chunks`); returns their ids in the given order. A source key that is taken fails the statement
+/// with a unique violation, as [`insert`] does.
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    messages: Vec<NewMessage>,
+) -> Result<Vec<i64>, DbErr> {
+    let keys: Vec<Option<String>> = messages.iter().map(|m| m.source_key.clone()).collect();
+    let bytes = |m: &NewMessage| {
+        m.raw.as_ref().map_or(0, Vec::len)
+            + m.text_body.as_ref().map_or(0, String::len)
+            + m.html_body.as_ref().map_or(0, String::len)
+    };
+    let mut ids: HashMap<String, i64> = HashMap::with_capacity(keys.len());
+    for chunk in super::insert_chunks(messages, MESSAGES_PER_INSERT, BYTES_PER_INSERT, bytes) {
+        let prefix = INSERT_SQL.split(" VALUES ").next().unwrap_or(INSERT_SQL);
+        let sql = format!(
+            "{prefix} VALUES {} RETURNING id, source_key",
+            super::value_rows(chunk.len(), 21)
+        );
+        let values = chunk.into_iter().flat_map(insert_values);
+        for row in db.query_all_raw(stmt(db, &sql, values)).await? {
+            ids.insert(row.try_get("", "source_key")?, row.try_get("", "id")?);
+        }
+    }
+    keys.into_iter()
+        .map(|k| {
+            k.and_then(|k| ids.get(&k).copied())
+                .ok_or(DbErr::RecordNotInserted)
+        })
+        .collect()
+}
+
+/// Values per `IN (…)` list of one statement (a power of two; lists are padded, see `store::padded_len`).
+const KEYS_PER_QUERY: usize = 512;
+
+/// `values` as `IN (…)` values padded with NULLs, and the list's length.
+fn text_list(values: &[String]) -> (Vec<Value>, usize) {
+    let values = padded(
+        values.iter().map(|v| Value::from(v.clone())),
+        Value::String(None),
+    );
+    let n = values.len();
+    (values, n)
+}
+
+/// The keys among `keys` that a stored message or quarantined mail has: one statement over both tables per 512
+/// keys.
+pub async fn known_source_keys(
+    db: &impl ConnectionTrait,
+    keys: &[String],
+) -> Result<HashSet<String>, DbErr> {
+    let mut known = HashSet::new();
+    for chunk in keys.chunks(KEYS_PER_QUERY) {
+        let (list, n) = text_list(chunk);
+        let sql = format!(
+            "SELECT source_key FROM messages WHERE source_key IN ({}) \
+             UNION ALL SELECT source_key FROM quarantine WHERE source_key IN ({})",
+            placeholders(1, n),
+            placeholders(n + 1, n)
+        );
+        let values = list.iter().chain(&list).cloned();
+        for row in db.query_all_raw(stmt(db, &sql, values)).await? {
+            known.insert(row.try_get::<String>("", "source_key")?);
+        }
+    }
+    Ok(known)
+}
+
+/// How many inbound messages each of `senders` (exact `from_address`) has stored since `since`; senders without
+/// any are missing from the map. Served by `messages_from_created_idx`.
+pub async fn inbound_counts_since(
+    db: &impl ConnectionTrait,
+    senders: &[String],
+    since: DateTime<Utc>,
+) -> Result<HashMap<String, i64>, DbErr> {
+    let mut counts = HashMap::new();
+    for chunk in senders.chunks(KEYS_PER_QUERY) {
+        let (list, n) = text_list(chunk);
+        let sql = format!(
+            "SELECT from_address, COUNT(*) AS n FROM messages \
+             WHERE from_address IN ({}) AND created_at > $1 AND direction = 'inbound' GROUP BY from_address",
+            placeholders(2, n)
+        );
+        let values = std::iter::once(Value::from(since)).chain(list);
+        for row in db.query_all_raw(stmt(db, &sql, values)).await? {
+            counts.insert(
+                row.try_get::<String>("", "from_address")?,
+                row.try_get::<i64>("", "n")?,
+            );
+        }
+    }
+    Ok(counts)
+}
+
+/// An outbound message (a reply of ours) found by its Message-ID, with its outbox row if it has one.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct OutboundHit {
+    /// The stored outbound message.
+    pub id: i64,
+    pub contact_id: i64,
+    pub message_id: String,
+    pub outbox_id: Option<i64>,
+}
+
+/// Outbound messages whose Message-ID is one of `ids`, newest first (`ids` padded like every `IN` list).
+pub async fn find_outbound_by_message_ids(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+) -> Result<Vec<OutboundHit>, DbErr> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (list, n) = text_list(ids);
+    let sql = format!(
+        "SELECT m.id, m.contact_id, m.message_id, o.id AS outbox_id FROM messages m \
+         LEFT JOIN outbox o ON o.message_id = m.id \
+         WHERE m.message_id IN ({}) AND m.direction = 'outbound' ORDER BY m.id DESC",
+        placeholders(1, n)
+    );
+    OutboundHit::find_by_statement(stmt(db, &sql, list))
+        .all(db)
+        .await
 }
 
 /// Whether a message with this source key is stored.
@@ -105,11 +242,12 @@ pub async fn find_by_message_ids(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    let (list, n) = text_list(ids);
     let sql = format!(
         "SELECT id, contact_id, message_id, direction, from_address FROM messages WHERE message_id IN ({}) ORDER BY id DESC",
-        placeholders(1, ids.len())
+        placeholders(1, n)
     );
-    ThreadHit::find_by_statement(stmt(db, &sql, ids.iter().map(|i| Value::from(i.clone()))))
+    ThreadHit::find_by_statement(stmt(db, &sql, list))
         .all(db)
         .await
 }
@@ -184,4 +322,28 @@ pub async fn raw(
         .await?;
     row.map(|r| r.try_get::<Option<Vec<u8>>>("", "raw"))
         .transpose()
+}
+
+/// Which of `ids` (Message-IDs without angle brackets) are stored as inbound messages that arrived on the queue
+/// address `mailbox`. After an IMAP folder's UIDVALIDITY changed (its UIDs, and so the source keys, start over),
+/// the mailbox workers skip mail already stored under the old UIDs by this. Served by `messages_message_id_idx`.
+pub async fn inbound_message_ids_from(
+    db: &impl ConnectionTrait,
+    mailbox: &str,
+    ids: &[String],
+) -> Result<HashSet<String>, DbErr> {
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(KEYS_PER_QUERY) {
+        let sql = format!(
+            "SELECT DISTINCT message_id FROM messages WHERE direction = 'inbound' AND mailbox = $1 \
+             AND message_id IN ({})",
+            placeholders(2, chunk.len())
+        );
+        let values = std::iter::once(Value::from(mailbox.to_owned()))
+            .chain(chunk.iter().map(|i| Value::from(i.clone())));
+        for row in db.query_all_raw(stmt(db, &sql, values)).await? {
+            found.insert(row.try_get::<String>("", "message_id")?);
+        }
+    }
+    Ok(found)
 }

@@ -4,13 +4,14 @@
 pub mod attachments;
 pub mod contacts;
 pub mod events;
+pub mod mailbox_cursors;
 pub mod messages;
 pub mod outbox;
 pub mod quarantine;
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, SqliteTransactionMode,
-    Statement, TransactionOptions, TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, RuntimeErr, SqlErr,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
 };
 
 pub use mailqueue_schema::Backend;
@@ -34,10 +35,124 @@ pub fn stmt(
     Statement::from_sql_and_values(db.get_database_backend(), sql, values)
 }
 
+/// The length an `IN (…)` list of `n` values is padded to (with NULLs, which match nothing): the next power of two.
+/// A statement over a list thus has one of a few shapes, which every pooled connection prepares once and then
+/// reuses (preparing a statement with hundreds of parameters costs far more than running it).
+pub fn padded_len(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// `values` padded with `pad` to [`padded_len`].
+pub fn padded(values: impl ExactSizeIterator<Item = Value>, pad: Value) -> Vec<Value> {
+    let n = padded_len(values.len());
+    values.chain(std::iter::repeat(pad)).take(n).collect()
+}
+
+/// Splits `n` rows into chunks whose sizes are powers of two, at most `max` (a power of two), largest first: the
+/// row counts of multi-row inserts, for the same reason as [`padded_len`]. `500, 256` gives 256, 128, 64, 32, 16, 4.
+pub fn pow2_chunks(mut n: usize, max: usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    while n > 0 {
+        let size = (1 << n.ilog2()).min(max);
+        sizes.push(size);
+        n -= size;
+    }
+    sizes
+}
+
+/// Splits the rows of a multi-row insert into statements: runs of at most `max_rows` rows (a power of two) and about
+/// `max_bytes` (a single larger row goes alone), each run split by [`pow2_chunks`]. Order is kept.
+pub fn insert_chunks<T>(
+    rows: Vec<T>,
+    max_rows: usize,
+    max_bytes: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let mut rest = rows.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut run = Vec::new();
+        let mut size = 0;
+        while let Some(row) = rest
+            .next_if(|r| run.len() < max_rows && (run.is_empty() || size + bytes(r) <= max_bytes))
+        {
+            size += bytes(&row);
+            run.push(row);
+        }
+        let mut run = run.into_iter();
+        for n in pow2_chunks(run.len(), max_rows) {
+            out.push(run.by_ref().take(n).collect());
+        }
+    }
+    out
+}
+
+/// `($first, …), ($first+width, …), …`: the VALUES rows of a multi-row insert of `rows` rows of `width` values.
+pub fn value_rows(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|i| format!("({})", placeholders(i * width + 1, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `$first, $first+1, …` placeholders for an `IN (…)` list of `n` values.
 pub fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Whether a transaction that failed with `e` may succeed when run again from the start: a unique violation (a
+/// concurrent writer stored the same row first), or on PostgreSQL a deadlock (40P01) or serialization failure
+/// (40001).
+pub fn is_retryable(e: &DbErr) -> bool {
+    if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) {
+        return true;
+    }
+    let (DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) = e else {
+        return false;
+    };
+    match &**e {
+        sea_orm::sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_shapes_are_powers_of_two() {
+        assert_eq!(pow2_chunks(500, 256), [256, 128, 64, 32, 16, 4]);
+        assert_eq!(pow2_chunks(1, 256), [1]);
+        assert_eq!(pow2_chunks(0, 256), Vec::<usize>::new());
+        assert_eq!(pow2_chunks(700, 256), [256, 256, 128, 32, 16, 8, 4]);
+        assert_eq!(
+            (padded_len(0), padded_len(1), padded_len(5), padded_len(512)),
+            (1, 1, 8, 512)
+        );
+        let values = padded(
+            [1i64, 2, 3].into_iter().map(Value::from),
+            Value::BigInt(None),
+        );
+        assert_eq!(values.len(), 4);
+        assert_eq!(values[3], Value::BigInt(None));
+        assert_eq!(value_rows(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    }
+
+    #[test]
+    fn insert_chunks_keep_order_and_limits() {
+        let sizes = |c: &Vec<Vec<usize>>| c.iter().map(Vec::len).collect::<Vec<_>>();
+        let rows: Vec<usize> = (0..300).collect();
+        let chunks = insert_chunks(rows.clone(), 256, usize::MAX, |_| 1);
+        assert_eq!(sizes(&chunks), [256, 32, 8, 4]);
+        assert_eq!(chunks.concat(), rows);
+        // By bytes: rows of 10 bytes, at most 25 bytes per statement; an oversized row goes alone.
+        let chunks = insert_chunks(vec![10, 10, 10, 100, 10], 256, 25, |r| *r);
+        assert_eq!(chunks, [vec![10, 10], vec![10], vec![100], vec![10]]);
+    }
 }
