@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod contacts;
+pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -50,12 +50,28 @@ enum Command {
     },
     /// Print the JSON Schema of the configuration file (for editors).
     ConfigSchema,
+    /// Check every mailbox and the outgoing server step by step: configuration, token, IMAP, SMTP.
+    Doctor {
+        #[arg(long, short, env = "MAILQUEUE_CONFIG")]
+        config: PathBuf,
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also send a short test message from the outgoing username to this address.
+        #[arg(long, value_name = "ADDRESS")]
+        send_test: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Doctor {
+            config,
+            json,
+            send_test,
+        } => doctor(&config, json, send_test.as_deref()),
         Command::ConfigSchema => {
             println!(
                 "{}",
@@ -95,6 +111,65 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             eprintln!("{}: {} error(s)", file.display(), errors.0.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `mailqueue doctor`: exit 0 only when every chain passes. Never prints a secret or a token.
+fn doctor(file: &std::path::Path, json: bool, send_test: Option<&str>) -> ExitCode {
+    use mailqueue_engine::doctor;
+    let fail_early = |errors: Vec<String>| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "ok": false, "chains": [], "errors": errors })
+            );
+        } else {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!(
+                "{}: {} error(s); nothing else was checked",
+                file.display(),
+                errors.len()
+            );
+        }
+        ExitCode::FAILURE
+    };
+    let send_test = match send_test
+        .map(mailqueue_config::model::EmailAddress::parse)
+        .transpose()
+    {
+        Ok(a) => a,
+        Err(e) => return fail_early(vec![format!("--send-test: {e}")]),
+    };
+    let config = match mailqueue_config::load(file) {
+        Ok(loaded) => {
+            if !json {
+                for w in &loaded.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            loaded.config
+        }
+        Err(errors) => return fail_early(errors.0.iter().map(ToString::to_string).collect()),
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let report = runtime.block_on(doctor::run(&config, &doctor::Options { send_test }));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report is JSON")
+        );
+    } else {
+        print!(
+            "{}",
+            doctor::render_text(&report, std::io::stdout().is_terminal())
+        );
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -153,7 +228,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::CheckConfig { .. } | Command::ConfigSchema => {
+        Command::CheckConfig { .. } | Command::ConfigSchema | Command::Doctor { .. } => {
             unreachable!("handled without a runtime")
         }
     }
