@@ -1,5 +1,7 @@
 //! The outbox: replies written by agents, stored as outbound messages with a Message-ID of our own, waiting for
-//! the outgoing connector (SMTP issue) to send them.
+//! the outbox [`worker`] to build them as mails and send them through the outgoing SMTP server.
+
+pub mod worker;
 
 use chrono::{DateTime, Utc};
 use mailqueue_config::EmailAddress;

@@ -36,11 +36,17 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
 
     let lease = config.defaults.claim_lease.0;
     let every = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    let services = vec![
+    let mut services = vec![
         tokio::spawn(rescuer::run(engine.clone(), every, stop.clone())),
         // The mailbox workers: IMAP → queues, until `stop` (IDLE is cancelled, a batch being stored finishes).
         mailboxes::spawn(engine.clone(), &config, stop.clone()),
     ];
+    // The outbox worker: replies → the outgoing SMTP server, when one is configured.
+    services.extend(crate::outbox::worker::spawn(
+        engine.clone(),
+        &config,
+        stop.clone(),
+    ));
 
     let router = api::router(engine.clone(), &config, stop.clone());
     let shutdown = stop.clone().cancelled_owned();

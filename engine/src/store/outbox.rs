@@ -52,3 +52,133 @@ pub async fn list_for_contact(
     .all(db)
     .await
 }
+
+/// Claims the oldest due `pending` row for worker `me`: state `sending`, locked until `now + lease`, one more
+/// attempt. The attempt is recorded by this statement's commit, before anything is sent. Several workers never
+/// claim the same row: on PostgreSQL `FOR UPDATE SKIP LOCKED` lets each take a different one; SQLite serialises
+/// writers, and the `state = 'pending'` re-check keeps a row from being claimed twice.
+pub async fn claim(
+    db: &impl ConnectionTrait,
+    me: &str,
+    lease: chrono::Duration,
+) -> Result<Option<outbox::Model>, DbErr> {
+    let now = Utc::now();
+    let lock = match super::Backend::of(db) {
+        super::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        super::Backend::Sqlite => "",
+    };
+    let sql = format!(
+        "UPDATE outbox SET state = 'sending', locked_by = $1, locked_until = $2, attempts = attempts + 1, \
+         updated_at = $3 WHERE state = 'pending' AND id = (SELECT id FROM outbox WHERE state = 'pending' \
+         AND next_attempt_at <= $3 ORDER BY next_attempt_at, id LIMIT 1{lock}) RETURNING *"
+    );
+    outbox::Entity::find()
+        .from_raw_sql(stmt(
+            db,
+            &sql,
+            [me.into(), (now + lease).into(), now.into()],
+        ))
+        .one(db)
+        .await
+}
+
+/// Rows left in `sending` past their lease (the worker that claimed them stopped while sending): marked `failed`
+/// with `error`, never sent again blindly. Returns them.
+pub async fn fail_expired(
+    db: &impl ConnectionTrait,
+    error: &str,
+) -> Result<Vec<outbox::Model>, DbErr> {
+    let now = Utc::now();
+    outbox::Entity::find()
+        .from_raw_sql(stmt(
+            db,
+            "UPDATE outbox SET state = 'failed', last_error = $1, locked_by = NULL, locked_until = NULL, \
+             updated_at = $2 WHERE state = 'sending' AND locked_until < $2 RETURNING *",
+            [error.into(), now.into()],
+        ))
+        .all(db)
+        .await
+}
+
+/// Row `id`, claimed by `me`, was accepted by the server. Also corrects a row that was marked failed as
+/// `unknown_error` meanwhile (its lease ran out during a very slow send): the outcome is known now. False if the row
+/// is in neither state.
+pub async fn mark_sent(
+    db: &impl ConnectionTrait,
+    id: i64,
+    me: &str,
+    server_reply: &str,
+    at: DateTime<Utc>,
+    unknown_error: &str,
+) -> Result<bool, DbErr> {
+    let r = db
+        .execute_raw(stmt(
+            db,
+            "UPDATE outbox SET state = 'sent', server_reply = $1, sent_at = $2, last_error = NULL, \
+             locked_by = NULL, locked_until = NULL, updated_at = $3 \
+             WHERE id = $4 AND ((state = 'sending' AND locked_by = $5) OR (state = 'failed' AND last_error = $6))",
+            [
+                server_reply.into(),
+                at.into(),
+                Utc::now().into(),
+                id.into(),
+                me.into(),
+                unknown_error.into(),
+            ],
+        ))
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Row `id`, claimed by `me`, goes back to `pending` (due at `next`) or to `failed` (`next` = `None`), with
+/// `error`. False if the claim was lost meanwhile.
+pub async fn release(
+    db: &impl ConnectionTrait,
+    id: i64,
+    me: &str,
+    next: Option<DateTime<Utc>>,
+    error: &str,
+) -> Result<bool, DbErr> {
+    let now = Utc::now();
+    let (state, next) = match next {
+        Some(at) => ("pending", at),
+        None => ("failed", now),
+    };
+    let r = db
+        .execute_raw(stmt(
+            db,
+            "UPDATE outbox SET state = $1, next_attempt_at = $2, last_error = $3, locked_by = NULL, \
+             locked_until = NULL, updated_at = $4 WHERE id = $5 AND state = 'sending' AND locked_by = $6",
+            [
+                state.into(),
+                next.into(),
+                error.into(),
+                now.into(),
+                id.into(),
+                me.into(),
+            ],
+        ))
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Stores the built message's bytes, size and From on the outbound message.
+pub async fn store_raw(
+    db: &impl ConnectionTrait,
+    message_id: i64,
+    raw: &[u8],
+    from: &str,
+) -> Result<(), DbErr> {
+    db.execute_raw(stmt(
+        db,
+        "UPDATE messages SET raw = $1, size = $2, from_address = COALESCE(from_address, $3) WHERE id = $4",
+        [
+            raw.to_vec().into(),
+            (raw.len() as i64).into(),
+            from.into(),
+            message_id.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}

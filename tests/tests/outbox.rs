@@ -1,0 +1,527 @@
+//! The outgoing side end to end: replies stored by `Engine::submit_reply` are sent by the outbox worker through the
+//! local Microsoft 365 sandbox's SMTP server (XOAUTH2, Send As checks, fault injection). The SMTP server is shared
+//! by every test of this binary, so the tests run one at a time (`SERIAL`): a fault armed by one must not hit
+//! another's send.
+
+use std::time::Duration;
+
+use mailqueue_engine::{
+    Engine,
+    contacts::Actor,
+    outbox::{ReplyRequest, worker},
+    store::stmt,
+};
+use mailqueue_sandbox::{
+    Sandbox,
+    smtp::{FaultAction, FaultPoint, SmtpFault},
+};
+use mailqueue_tests::{
+    Kind, SandboxConfig, SbAddress, SbQueue, SbServer, TestDb, eventually, parse_config,
+    spawn_app_with,
+};
+use sea_orm::ConnectionTrait;
+use tokio::sync::Mutex;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `outgoing_server:` for the sandbox's SMTP server (STARTTLS), authenticating as `username` with the service app.
+fn outgoing_yaml(sb: &Sandbox, username: &str) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    format!(
+        "outgoing_server:\n  host: {host}\n  port: {port}\n  starttls: true\n  login_address: {login}\n  \
+         auth: oauth_service\n  client_id: {id}\n  client_secret: {secret}\n  username: {user}\n  \
+         contact_information: {contact}\n  ca_file: {ca}\n",
+        host = q(&sb.mail_host().to_string()),
+        port = sb.smtp_port(),
+        login = q(&sb.login_address(sb.tenant_id())),
+        id = q(&sb.service_app().client_id),
+        secret = q(&sb.service_app().client_secret),
+        user = q(username),
+        contact = q("ops-oncall@example.com"),
+        ca = q(&sb.ca_file().display().to_string()),
+    )
+}
+
+/// A config with queue `support` fed by a fresh mailbox on server `svc` (sender on or off) and the outgoing server
+/// authenticating as `username` (`None`: the queue mailbox itself).
+fn config(sb: &Sandbox, db: &TestDb, sender: bool, username: Option<&str>) -> (String, String) {
+    let queue_box = sb.new_mailbox("outbox-q");
+    let mut c = SandboxConfig::empty(sb, &db.url);
+    c.poll_interval = "1s".into();
+    c.servers = vec![SbServer::service(sb, "svc")];
+    c.queues = vec![SbQueue::new(
+        "support",
+        5,
+        "en",
+        vec![SbAddress::new(&queue_box, "svc")],
+    )];
+    c.extra = outgoing_yaml(sb, username.unwrap_or(&queue_box));
+    let mut yaml = c.yaml();
+    if !sender {
+        yaml = yaml.replace("        sender: true\n", "        sender: false\n");
+    }
+    (yaml, queue_box)
+}
+
+async fn scalar<T: sea_orm::TryGetable>(
+    engine: &Engine,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+) -> Option<T> {
+    let db = &engine.db;
+    db.query_one_raw(stmt(db, sql, values))
+        .await
+        .expect("query")
+        .map(|r| r.try_get::<T>("", "v").expect("column v"))
+}
+
+/// Delivers a customer mail to `queue_box` and waits for its contact; returns (contact id, customer, Message-ID).
+async fn customer_writes(sb: &Sandbox, engine: &Engine, queue_box: &str) -> (i64, String, String) {
+    let customer = format!("{}@example.com", unique("cust"));
+    let mid = format!("{}@example.com", unique("m"));
+    let raw = mailqueue_tests::mail(&customer, queue_box, "Order 4711", &mid, "Where is it?");
+    sb.deliver(queue_box, &raw).expect("deliver");
+    let contact = eventually("the contact from IMAP", WAIT, async || {
+        scalar::<i64>(
+            engine,
+            "SELECT c.id AS v FROM contacts c JOIN messages m ON m.contact_id = c.id WHERE m.message_id = $1",
+            vec![mid.clone().into()],
+        )
+        .await
+    })
+    .await;
+    (contact, customer, mid)
+}
+
+/// The id and Message-ID of a reply stored through the API.
+struct Sent {
+    id: i64,
+    rfc_message_id: String,
+}
+
+fn reply(text: &str) -> ReplyRequest {
+    ReplyRequest {
+        text: text.into(),
+        html: None,
+        to: None,
+        cc: Vec::new(),
+        subject: None,
+        from: None,
+    }
+}
+
+async fn state_of(engine: &Engine, reply: i64) -> (String, i32, Option<String>) {
+    let db = &engine.db;
+    let r = db
+        .query_one_raw(stmt(
+            db,
+            "SELECT state, attempts, last_error FROM outbox WHERE id = $1",
+            [reply.into()],
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    (
+        r.try_get("", "state").unwrap(),
+        r.try_get("", "attempts").unwrap(),
+        r.try_get("", "last_error").unwrap(),
+    )
+}
+
+async fn wait_state(engine: &Engine, reply: i64, want: &str) -> (String, i32, Option<String>) {
+    eventually(&format!("reply {reply} {want}"), WAIT, async || {
+        let s = state_of(engine, reply).await;
+        (s.0 == want).then_some(s)
+    })
+    .await
+}
+
+fn sent_raw(sb: &Sandbox, message_id: &str) -> (mailqueue_sandbox::smtp::SentEntry, String) {
+    let entries: Vec<_> = sb
+        .sent()
+        .into_iter()
+        .filter(|e| e.message_id.as_deref() == Some(message_id))
+        .collect();
+    assert_eq!(entries.len(), 1, "exactly one copy of {message_id} sent");
+    let entry = entries.into_iter().next().unwrap();
+    let raw = std::fs::read_to_string(sb.sent_dir().join(&entry.file)).expect("sent file");
+    (entry, raw)
+}
+
+async fn events(engine: &Engine, kind: &str) -> Vec<serde_json::Value> {
+    let db = &engine.db;
+    db.query_all_raw(stmt(
+        db,
+        "SELECT data FROM events WHERE kind = $1 ORDER BY id",
+        [kind.into()],
+    ))
+    .await
+    .expect("events")
+    .iter()
+    .map(|r| {
+        let v: serde_json::Value = r.try_get("", "data").unwrap();
+        match v {
+            serde_json::Value::String(s) => serde_json::from_str(&s).unwrap_or_default(),
+            v => v,
+        }
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reply_is_sent_and_the_answer_threads_back() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, queue_box) = config(sb, &db, true, None);
+    let app = spawn_app_with(db, &yaml).await;
+    let engine = app.engine.clone();
+    let (contact, customer, mid) = customer_writes(sb, &engine, &queue_box).await;
+
+    let r = engine
+        .submit_reply(
+            contact,
+            Actor::Supervisor("admin"),
+            reply("It ships today."),
+        )
+        .await
+        .expect("reply stored");
+    let (_, attempts, _) = wait_state(&engine, r.id, "sent").await;
+    assert_eq!(attempts, 1);
+
+    let (entry, raw) = sent_raw(sb, &r.rfc_message_id);
+    assert_eq!(entry.rcpt_to, vec![customer.clone()]);
+    assert!(
+        entry.mail_from.eq_ignore_ascii_case(&queue_box),
+        "{entry:?}"
+    );
+    assert!(raw.contains(&format!("From: {queue_box}")), "{raw}");
+    assert!(!raw.contains("\nReply-To:"), "{raw}");
+    assert!(raw.contains(&format!("To: {customer}")), "{raw}");
+    assert!(raw.contains(&format!("In-Reply-To: <{mid}>")), "{raw}");
+    assert!(raw.contains(&format!("References: <{mid}>")), "{raw}");
+    assert!(raw.contains("Subject: Re: Order 4711"), "{raw}");
+    assert!(raw.contains("It ships today."), "{raw}");
+    // The raw bytes are kept on the message row.
+    let stored: Option<Vec<u8>> = scalar(
+        &engine,
+        "SELECT raw AS v FROM messages WHERE id = $1",
+        vec![r.message_id.into()],
+    )
+    .await;
+    assert!(
+        stored.is_some_and(|s| String::from_utf8_lossy(&s).contains("It ships today.")),
+        "raw stored"
+    );
+    let sent = events(&engine, "reply.sent").await;
+    assert!(sent.iter().any(|e| e["reply_id"] == r.id), "{sent:?}");
+
+    // The customer answers our reply: it threads into the same contact.
+    let answer_id = format!("{}@example.com", unique("a"));
+    let answer = format!(
+        "From: Customer <{customer}>\r\nTo: {queue_box}\r\nSubject: Re: Order 4711\r\nMessage-ID: <{answer_id}>\r\n\
+         In-Reply-To: <{}>\r\nReferences: <{mid}> <{}>\r\nDate: Sat, 21 Nov 2026 09:00:00 +0000\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\nThanks!\r\n",
+        r.rfc_message_id, r.rfc_message_id
+    );
+    sb.deliver(&queue_box, answer.as_bytes()).expect("deliver");
+    let threaded = eventually("the answer stored", WAIT, async || {
+        scalar::<i64>(
+            &engine,
+            "SELECT contact_id AS v FROM messages WHERE message_id = $1",
+            vec![answer_id.clone().into()],
+        )
+        .await
+    })
+    .await;
+    assert_eq!(threaded, contact);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn non_sender_address_goes_out_as_username_with_reply_to() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bot = sb.new_mailbox("outbox-bot");
+    let (yaml, queue_box) = config(sb, &db, false, Some(&bot));
+    let app = spawn_app_with(db, &yaml).await;
+    let engine = app.engine.clone();
+    let (contact, _, _) = customer_writes(sb, &engine, &queue_box).await;
+    // Through the API, as an agent tool would.
+    let resp = app
+        .post(
+            &format!("/v1/contacts/{contact}/replies"),
+            "admin-token",
+            Some(serde_json::json!({ "text": "Noted.", "html": "<p>Noted, <b>thanks</b>.</p>" })),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    let r: serde_json::Value = resp.json().await.expect("reply JSON");
+    let (id, rfc) = (
+        r["id"].as_i64().expect("id"),
+        r["rfc_message_id"]
+            .as_str()
+            .expect("rfc_message_id")
+            .to_owned(),
+    );
+    let r = Sent {
+        id,
+        rfc_message_id: rfc,
+    };
+    wait_state(&engine, r.id, "sent").await;
+    let (entry, raw) = sent_raw(sb, &r.rfc_message_id);
+    assert!(entry.mail_from.eq_ignore_ascii_case(&bot), "{entry:?}");
+    assert!(raw.contains(&format!("From: {bot}")), "{raw}");
+    assert!(raw.contains(&format!("Reply-To: {queue_box}")), "{raw}");
+    assert!(raw.contains("multipart/alternative"), "{raw}");
+    assert!(raw.contains("<b>thanks</b>"), "{raw}");
+    // The contact's detail shows the reply's state.
+    let detail: serde_json::Value = app
+        .get(&format!("/v1/contacts/{contact}"), "admin-token")
+        .await
+        .json()
+        .await
+        .expect("detail JSON");
+    assert_eq!(detail["replies"][0]["state"], "sent", "{detail}");
+    assert_eq!(detail["replies"][0]["attempts"], 1, "{detail}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn temporary_fault_is_retried_then_sent() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, queue_box) = config(sb, &db, true, None);
+    let app = spawn_app_with(db, &yaml).await;
+    let engine = app.engine.clone();
+    let (contact, _, _) = customer_writes(sb, &engine, &queue_box).await;
+
+    sb.smtp().inject_fault(SmtpFault {
+        point: FaultPoint::Mail,
+        action: FaultAction::Reply451,
+        count: 1,
+    });
+    let r = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), reply("Retry me."))
+        .await
+        .expect("reply stored");
+    let (_, attempts, error) = eventually("the first attempt failed", WAIT, async || {
+        let s = state_of(&engine, r.id).await;
+        (s.0 == "pending" && s.1 == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(attempts, 1);
+    assert!(error.unwrap_or_default().contains("451"));
+    // Skip the 30 s backoff.
+    engine
+        .db
+        .execute_raw(stmt(
+            &engine.db,
+            "UPDATE outbox SET next_attempt_at = $1 WHERE id = $2",
+            [chrono::Utc::now().into(), r.id.into()],
+        ))
+        .await
+        .expect("due now");
+    let (_, attempts, _) = wait_state(&engine, r.id, "sent").await;
+    assert_eq!(attempts, 2);
+    sent_raw(sb, &r.rfc_message_id);
+    sb.smtp().clear_faults();
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smtp_auth_disabled_mailbox_fails_with_the_fix() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, queue_box) = config(sb, &db, true, Some("smtpoff@contoso.com"));
+    let app = spawn_app_with(db, &yaml).await;
+    let engine = app.engine.clone();
+    let (contact, _, _) = customer_writes(sb, &engine, &queue_box).await;
+    let r = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), reply("Never sent."))
+        .await
+        .expect("reply stored");
+    let (_, attempts, error) = wait_state(&engine, r.id, "failed").await;
+    assert_eq!(attempts, 1);
+    assert!(error.unwrap_or_default().contains("5.7.139"));
+    let failed = events(&engine, "reply.failed").await;
+    let event = failed
+        .iter()
+        .find(|e| e["reply_id"] == r.id)
+        .expect("reply.failed");
+    assert!(
+        event["fix"].as_str().is_some_and(|f| !f.is_empty()),
+        "{event}"
+    );
+    let unhealthy = events(&engine, "outgoing.unhealthy").await;
+    assert_eq!(unhealthy.len(), 1, "{unhealthy:?}");
+    assert_eq!(
+        unhealthy[0]["contact_information"],
+        "ops-oncall@example.com"
+    );
+    app.stop().await;
+}
+
+/// Two workers over 50 due replies on PostgreSQL: each is sent exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_send_each_reply_once() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Postgres).await;
+    let (yaml, _queue_box) = config(sb, &db, true, None);
+    let config = parse_config(&yaml);
+    let engine = Engine::start(config.clone()).await.expect("engine");
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let contact = mailqueue_tests::seed_contact(&engine, "support", "en", 5, 0).await;
+        let mut req = reply(&format!("reply {i}"));
+        req.to = Some(vec![format!("{}@example.com", unique("c"))]);
+        let r = engine
+            .submit_reply(contact, Actor::Supervisor("admin"), req)
+            .await
+            .expect("reply stored");
+        ids.push(r);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let settings = worker::Settings {
+        poll_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            worker::spawn_with(engine.clone(), &config, settings.clone(), stop.clone())
+                .expect("worker")
+        })
+        .collect();
+    for r in &ids {
+        wait_state(&engine, r.id, "sent").await;
+    }
+    stop.cancel();
+    for w in workers {
+        w.await.expect("worker task");
+    }
+    let sent = sb.sent();
+    for r in &ids {
+        let n = sent
+            .iter()
+            .filter(|e| e.message_id.as_deref() == Some(r.rfc_message_id.as_str()))
+            .count();
+        assert_eq!(n, 1, "reply {} sent {n} times", r.id);
+        assert_eq!(state_of(&engine, r.id).await.1, 1, "one attempt");
+    }
+    let mut by_worker = std::collections::BTreeMap::<String, usize>::new();
+    for e in events(&engine, "reply.sent").await {
+        *by_worker
+            .entry(e["worker"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(by_worker.values().sum::<usize>(), 50, "{by_worker:?}");
+    assert_eq!(by_worker.len(), 2, "both workers sent: {by_worker:?}");
+}
+
+/// A reply left in `sending` past its lease (its worker died mid-send) is failed as "outcome unknown", not resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stuck_sending_row_is_failed_not_resent() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, _queue_box) = config(sb, &db, true, None);
+    let config = parse_config(&yaml);
+    let engine = Engine::start(config.clone()).await.expect("engine");
+    let contact = mailqueue_tests::seed_contact(&engine, "support", "en", 5, 0).await;
+    let mut req = reply("Was I sent?");
+    req.to = Some(vec![format!("{}@example.com", unique("c"))]);
+    let r = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), req)
+        .await
+        .expect("reply stored");
+    engine
+        .db
+        .execute_raw(stmt(
+            &engine.db,
+            "UPDATE outbox SET state = 'sending', attempts = 1, locked_by = 'dead-worker', locked_until = $1 \
+             WHERE id = $2",
+            [
+                (chrono::Utc::now() - chrono::Duration::minutes(1)).into(),
+                r.id.into(),
+            ],
+        ))
+        .await
+        .expect("stuck");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w = worker::spawn(engine.clone(), &config, stop.clone()).expect("worker");
+    let (_, attempts, error) = wait_state(&engine, r.id, "failed").await;
+    assert_eq!(attempts, 1);
+    assert_eq!(error.as_deref(), Some(worker::OUTCOME_UNKNOWN));
+    let failed = events(&engine, "reply.failed").await;
+    assert!(failed.iter().any(|e| e["reply_id"] == r.id), "{failed:?}");
+    stop.cancel();
+    w.await.expect("worker task");
+    assert!(
+        !sb.sent()
+            .iter()
+            .any(|e| e.message_id.as_deref() == Some(r.rfc_message_id.as_str())),
+        "not resent"
+    );
+}
+
+/// Every attempt failing for `unhealthy_after` (zero here) reports the outgoing server unhealthy once; the next
+/// accepted message reports it healthy again. The retry comes after the (shortened) backoff by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_server_is_reported_unhealthy_then_healthy() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, _queue_box) = config(sb, &db, true, None);
+    let config = parse_config(&yaml);
+    let engine = Engine::start(config.clone()).await.expect("engine");
+    let contact = mailqueue_tests::seed_contact(&engine, "support", "en", 5, 0).await;
+    let mut req = reply("Flaky server.");
+    req.to = Some(vec![format!("{}@example.com", unique("c"))]);
+    sb.smtp().inject_fault(SmtpFault {
+        point: FaultPoint::Mail,
+        action: FaultAction::Reply451,
+        count: 2,
+    });
+    let r = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), req)
+        .await
+        .expect("reply stored");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let settings = worker::Settings {
+        poll_interval: Duration::from_millis(50),
+        retry_base: Duration::from_millis(200),
+        unhealthy_after: Duration::ZERO,
+        ..Default::default()
+    };
+    let w = worker::spawn_with(engine.clone(), &config, settings, stop.clone()).expect("worker");
+    let (_, attempts, _) = wait_state(&engine, r.id, "sent").await;
+    sb.smtp().clear_faults();
+    assert_eq!(attempts, 3);
+    let unhealthy = events(&engine, "outgoing.unhealthy").await;
+    assert_eq!(unhealthy.len(), 1, "reported once: {unhealthy:?}");
+    assert_eq!(
+        unhealthy[0]["contact_information"],
+        "ops-oncall@example.com"
+    );
+    let healthy = eventually("outgoing.healthy", WAIT, async || {
+        let h = events(&engine, "outgoing.healthy").await;
+        (!h.is_empty()).then_some(h)
+    })
+    .await;
+    assert_eq!(healthy.len(), 1);
+    let retrying = events(&engine, "reply.retrying").await;
+    assert_eq!(retrying.len(), 2, "{retrying:?}");
+    assert!(retrying[0]["fix"].as_str().is_some_and(|f| !f.is_empty()));
+    stop.cancel();
+    w.await.expect("worker task");
+}
