@@ -39,6 +39,74 @@ pub struct ReplyRequest {
     /// A sender-enabled address of the contact's queue; default chosen by the outgoing connector.
     #[serde(default)]
     pub from: Option<String>,
+    /// Files sent with the reply (`multipart/mixed`, each as `Content-Disposition: attachment`); stored as
+    /// attachments of the outbound message. Their decoded sizes count towards the outgoing size limit.
+    #[serde(default)]
+    pub attachments: Vec<ReplyAttachment>,
+}
+
+/// A file attached to a reply.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyAttachment {
+    /// File name shown to the customer; not empty.
+    #[schema(example = "invoice-4711.pdf")]
+    pub filename: String,
+    /// MIME type, e.g. `application/pdf` or `text/plain; charset=utf-8`.
+    #[schema(example = "application/pdf")]
+    pub content_type: String,
+    /// The file's bytes, standard base64 (padding optional, line breaks allowed).
+    pub content_base64: String,
+}
+
+/// A validated, decoded reply attachment.
+struct DecodedAttachment {
+    filename: String,
+    content_type: String,
+    data: Vec<u8>,
+}
+
+/// Checks and decodes the attachments of a reply.
+fn decode_attachments(list: &[ReplyAttachment]) -> Result<Vec<DecodedAttachment>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let filename = a.filename.trim();
+            if filename.is_empty() || filename.chars().any(char::is_control) {
+                return Err(Error::Invalid(format!(
+                    "`attachments[{i}].filename` must be a non-empty name without control characters"
+                )));
+            }
+            lettre::message::header::ContentType::parse(a.content_type.trim())
+                .map_err(|e| {
+                    Error::Invalid(format!(
+                        "`attachments[{i}].content_type` `{}` is not a MIME type: {e}",
+                        a.content_type
+                    ))
+                })?;
+            let compact: String = a
+                .content_base64
+                .chars()
+                .filter(|c| !c.is_ascii_whitespace())
+                .collect();
+            let data = b64.decode(compact.as_bytes()).map_err(|e| {
+                Error::Invalid(format!(
+                    "`attachments[{i}].content_base64` ({filename}) is not valid base64: {e}"
+                ))
+            })?;
+            Ok(DecodedAttachment {
+                filename: filename.to_owned(),
+                content_type: a.content_type.trim().to_owned(),
+                data,
+            })
+        })
+        .collect()
 }
 
 /// A stored reply and its sending state.
@@ -64,7 +132,8 @@ impl Engine {
     ///
     /// Errors: `NotFound` (no such contact), `Conflict` (closed, or an agent that does not hold the claim),
     /// `Invalid` (`from` not a sender-enabled address of the contact's queue, bad or missing recipients, empty
-    /// body), `TooLarge` (above the outgoing server's `max_email_size_mb`, else the defaults').
+    /// body, an attachment with an empty filename, a bad content type or bad base64), `TooLarge` (above the
+    /// outgoing server's `max_email_size_mb`, else the defaults'; attachments count with their decoded size).
     pub async fn submit_reply(
         &self,
         contact_id: i64,
@@ -77,6 +146,7 @@ impl Engine {
             return Err(Error::Invalid("a reply needs a text or html body".into()));
         }
         let cc = recipients(&req.cc, "cc")?;
+        let attachments = decode_attachments(&req.attachments)?;
         let to_given = req
             .to
             .as_deref()
@@ -160,7 +230,7 @@ impl Engine {
                 .outgoing_server
                 .as_ref()
                 .map_or(config.defaults.max_email_size_mb, |s| s.max_email_size_mb);
-            let size = estimated_size(&req, &to, &cc, &subject, &references);
+            let size = estimated_size(&req, &to, &cc, &subject, &references, &attachments);
             if size > u64::from(limit_mb) * 1024 * 1024 {
                 return Err(Error::TooLarge(format!(
                     "the reply would be about {size} bytes as a mail; the outgoing limit is {limit_mb} MB"
@@ -204,6 +274,21 @@ impl Engine {
                 created_by: Some(actor.name().to_owned()),
             };
             let message_id = store::messages::insert(&txn, message).await?;
+            let files = attachments
+                .into_iter()
+                .map(|a| store::attachments::NewAttachment {
+                    message_id,
+                    filename: Some(a.filename),
+                    content_type: a.content_type,
+                    content_id: None,
+                    inline: false,
+                    data: a.data,
+                })
+                .collect::<Vec<_>>();
+            let attachment_count = files.len();
+            if !files.is_empty() {
+                store::attachments::insert_many(&txn, files).await?;
+            }
             let row = store::outbox::insert(&txn, contact_id, message_id).await?;
             let data = json!({
                 "reply_id": row.id,
@@ -213,6 +298,7 @@ impl Engine {
                 "from": from,
                 "to": to,
                 "subject": subject,
+                "attachments": attachment_count,
             });
             let event = NewEvent {
                 kind: "reply.queued",
@@ -365,6 +451,7 @@ fn estimated_size(
     cc: &[String],
     subject: &str,
     references: &[String],
+    attachments: &[DecodedAttachment],
 ) -> u64 {
     fn encoded(body: &str) -> u64 {
         let n = body.len() as u64;
@@ -378,7 +465,17 @@ fn estimated_size(
         + to.iter().chain(cc).map(|a| a.len() as u64 + 2).sum::<u64>()
         + references.iter().map(|r| r.len() as u64 + 3).sum::<u64>()
         + encoded(subject);
-    headers + encoded(&req.text) + req.html.as_deref().map_or(0, |h| encoded(h) + 200)
+    // Each attachment: base64 in 76-column lines plus its part headers (and the filename, perhaps encoded).
+    let files = attachments
+        .iter()
+        .map(|a| {
+            (a.data.len() as u64).div_ceil(3) * 4 * 78 / 76
+                + 300
+                + encoded(&a.filename)
+                + a.content_type.len() as u64
+        })
+        .sum::<u64>();
+    headers + encoded(&req.text) + req.html.as_deref().map_or(0, |h| encoded(h) + 200) + files
 }
 
 #[cfg(test)]

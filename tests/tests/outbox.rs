@@ -113,6 +113,7 @@ fn reply(text: &str) -> ReplyRequest {
         cc: Vec::new(),
         subject: None,
         from: None,
+        attachments: Vec::new(),
     }
 }
 
@@ -524,4 +525,111 @@ async fn failing_server_is_reported_unhealthy_then_healthy() {
     assert!(retrying[0]["fix"].as_str().is_some_and(|f| !f.is_empty()));
     stop.cancel();
     w.await.expect("worker task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reply_with_attachments_is_sent_as_multipart_mixed() {
+    use mail_parser::{MessageParser, MimeHeaders};
+    use mailqueue_engine::{Error, outbox::ReplyAttachment};
+
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, queue_box) = config(sb, &db, true, None);
+    let app = spawn_app_with(db, &yaml).await;
+    let engine = app.engine.clone();
+    let (contact, _customer, _mid) = customer_writes(sb, &engine, &queue_box).await;
+
+    // Binary bytes (every byte value) behind a PDF header, and a UTF-8 text file.
+    let mut pdf = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n".to_vec();
+    pdf.extend(0u8..=255);
+    pdf.extend_from_slice(b"\n%%EOF\n");
+    let txt = "Lieferschein 4711\r\nGrüße\r\n".as_bytes().to_vec();
+    let b64 = |d: &[u8]| {
+        // Minimal standard base64 encoder, so the test does not depend on the engine's decoder crate.
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for c in d.chunks(3) {
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
+            for i in 0..4 {
+                if i <= c.len() {
+                    out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    };
+
+    // Invalid base64 is refused before anything is stored.
+    let mut bad = reply("See attached.");
+    bad.attachments = vec![ReplyAttachment {
+        filename: "x.bin".into(),
+        content_type: "application/octet-stream".into(),
+        content_base64: "not*base64!".into(),
+    }];
+    let err = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), bad)
+        .await
+        .expect_err("bad base64 refused");
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+
+    let mut req = reply("Please find the documents attached.");
+    req.attachments = vec![
+        ReplyAttachment {
+            filename: "invoice-4711.pdf".into(),
+            content_type: "application/pdf".into(),
+            content_base64: b64(&pdf),
+        },
+        ReplyAttachment {
+            filename: "notes.txt".into(),
+            content_type: "text/plain; charset=utf-8".into(),
+            content_base64: b64(&txt),
+        },
+    ];
+    let r = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), req)
+        .await
+        .expect("reply stored");
+    let stored: Option<i64> = scalar(
+        &engine,
+        "SELECT COUNT(*) AS v FROM attachments WHERE message_id = $1",
+        vec![r.message_id.into()],
+    )
+    .await;
+    assert_eq!(stored, Some(2));
+    wait_state(&engine, r.id, "sent").await;
+
+    let (_, raw) = sent_raw(sb, &r.rfc_message_id);
+    assert!(raw.contains("multipart/mixed"), "{raw}");
+    let parsed = MessageParser::default()
+        .parse(raw.as_bytes())
+        .expect("parse the sent mail");
+    assert!(
+        parsed
+            .body_text(0)
+            .is_some_and(|t| t.contains("Please find the documents attached.")),
+        "{raw}"
+    );
+    let files: Vec<(String, Vec<u8>)> = parsed
+        .attachments()
+        .map(|p| {
+            (
+                p.attachment_name().unwrap_or_default().to_owned(),
+                p.contents().to_vec(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        files,
+        vec![
+            ("invoice-4711.pdf".to_owned(), pdf),
+            ("notes.txt".to_owned(), txt)
+        ],
+        "{raw}"
+    );
+    app.stop().await;
 }

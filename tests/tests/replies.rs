@@ -263,6 +263,19 @@ async fn too_large_reply_is_refused(kind: Kind) {
         )
         .await;
     assert!(matches!(result, Err(Error::TooLarge(_))), "{result:?}");
+    // Attachments count with their size as encoded in the mail: 800 KB of zeros become about 1.07 MB of base64.
+    let result = engine
+        .submit_reply(
+            id,
+            Actor::Agent("alice"),
+            req(json!({ "text": "x", "attachments": [{
+                "filename": "zeros.bin",
+                "content_type": "application/octet-stream",
+                "content_base64": "A".repeat(1_066_668),
+            }] })),
+        )
+        .await;
+    assert!(matches!(result, Err(Error::TooLarge(_))), "{result:?}");
     assert_eq!(outbox::Entity::find().count(&engine.db).await.unwrap(), 0);
     let events = events::read(&engine, 0, 1000, Duration::ZERO, |_| true)
         .await

@@ -41,6 +41,7 @@ use super::{contacts, error, events, health, mailboxes, queues};
         crate::messages::AttachmentMeta,
         crate::outbox::Reply,
         crate::outbox::ReplyRequest,
+        crate::outbox::ReplyAttachment,
         crate::queues::QueueStats,
         crate::queues::LanguageStats,
         crate::events::Event,

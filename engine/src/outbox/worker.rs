@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use lettre::message::{Mailbox, Message, MultiPart, SinglePart, header::ContentType};
+use lettre::message::{Attachment, Mailbox, Message, MultiPart, SinglePart, header::ContentType};
 use mailqueue_config::{Config, model::OutgoingServer};
 use mailqueue_connectors::smtp::{Envelope, SmtpError, SmtpErrorKind, SmtpSender};
 use mailqueue_schema::entity::outbox;
@@ -552,13 +552,39 @@ impl Worker {
             b = b.references(refs.join(" "));
         }
         let text = message.text_body.clone().unwrap_or_default();
-        let email = match message.html_body.clone() {
-            Some(html) => b.multipart(MultiPart::alternative_plain_html(text, html)),
-            None => b.singlepart(
-                SinglePart::builder()
-                    .header(ContentType::TEXT_PLAIN)
-                    .body(text),
-            ),
+        let files = store::attachments::list_with_data(&self.engine.db, message.id).await?;
+        let email = if files.is_empty() {
+            match message.html_body.clone() {
+                Some(html) => b.multipart(MultiPart::alternative_plain_html(text, html)),
+                None => b.singlepart(
+                    SinglePart::builder()
+                        .header(ContentType::TEXT_PLAIN)
+                        .body(text),
+                ),
+            }
+        } else {
+            // multipart/mixed: the body (text, or the text/html alternative), then each file as an attachment.
+            let mixed = match message.html_body.clone() {
+                Some(html) => {
+                    MultiPart::mixed().multipart(MultiPart::alternative_plain_html(text, html))
+                }
+                None => MultiPart::mixed().singlepart(
+                    SinglePart::builder()
+                        .header(ContentType::TEXT_PLAIN)
+                        .body(text),
+                ),
+            };
+            let mixed = files.into_iter().try_fold(mixed, |mixed, f| {
+                let content_type = ContentType::parse(&f.content_type).map_err(|e| {
+                    Error::Invalid(format!(
+                        "attachment {} has a bad content type `{}`: {e}",
+                        f.id, f.content_type
+                    ))
+                })?;
+                let name = f.filename.unwrap_or_else(|| format!("attachment-{}", f.id));
+                Ok::<_, Error>(mixed.singlepart(Attachment::new(name).body(f.data, content_type)))
+            })?;
+            b.multipart(mixed)
         }
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let raw = email.formatted();

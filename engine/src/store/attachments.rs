@@ -109,6 +109,21 @@ pub async fn list_for_messages(
         .await
 }
 
+/// The attachments of message `message_id` with their data, in id order.
+pub async fn list_with_data(
+    db: &impl ConnectionTrait,
+    message_id: i64,
+) -> Result<Vec<attachment::Model>, DbErr> {
+    attachment::Entity::find()
+        .from_raw_sql(stmt(
+            db,
+            "SELECT * FROM attachments WHERE message_id = $1 ORDER BY id",
+            [message_id.into()],
+        ))
+        .all(db)
+        .await
+}
+
 /// Attachment `id` if it belongs to a message of contact `contact_id`.
 pub async fn get_for_contact(
     db: &impl ConnectionTrait,
