@@ -3,13 +3,16 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use mailqueue_config::{
     Config,
     model::{ImapEndpoint, ImapTls as TlsMode},
 };
 use mailqueue_connectors::imap::{self, ImapTls, MailboxSession};
-use mailqueue_sandbox::{Sandbox, idp::MintRequest, sandbox::IMAP_AUDIENCE};
+use mailqueue_engine::startup::RunningApp;
+use mailqueue_sandbox::{Sandbox, SandboxOptions, idp::MintRequest, sandbox::IMAP_AUDIENCE};
+
+use crate::db::{BenchDb, DbKind};
 
 /// The queue every benchmark address feeds.
 pub const QUEUE: &str = "bench";
@@ -24,6 +27,41 @@ pub fn init_logs() {
             .with_writer(std::io::stderr)
             .try_init();
     }
+}
+
+/// Runs one benchmark in a private sandbox on a fresh database, bounded by `limit`. Whatever happens, it then stops
+/// the engine `measure` left in `app`, drops the database and stops the sandbox — in that order — and hands the
+/// result to `show` before reporting a clean-up failure, so figures are never lost to one.
+pub async fn in_sandbox<T>(
+    db_kind: DbKind,
+    limit: Duration,
+    measure: impl AsyncFnOnce(&Sandbox, &BenchDb, &mut Option<RunningApp>) -> anyhow::Result<T>,
+    show: impl FnOnce(T),
+) -> anyhow::Result<()> {
+    let sb = Sandbox::start(SandboxOptions::default())
+        .await
+        .context("starting the sandbox")?;
+    let db = match BenchDb::create(db_kind).await {
+        Ok(db) => db,
+        Err(e) => {
+            let _ = sb.stop().await;
+            return Err(e);
+        }
+    };
+    let mut app: Option<RunningApp> = None;
+    let outcome = tokio::time::timeout(limit, measure(&sb, &db, &mut app)).await;
+    if let Some(app) = app.take() {
+        app.stop().await;
+    }
+    let dropped = db.drop_database().await;
+    let stopped = sb.stop().await;
+    match outcome {
+        Ok(result) => show(result?),
+        Err(_) => bail!("stopped after --timeout-secs {}", limit.as_secs()),
+    }
+    dropped.context("dropping the benchmark database")?;
+    stopped.context("stopping the sandbox")?;
+    Ok(())
 }
 
 /// Engine settings a benchmark varies.

@@ -38,7 +38,7 @@ use mailqueue_engine::{
     mailboxes::MailboxState,
     startup::{self, RunningApp},
 };
-use mailqueue_sandbox::{Sandbox, SandboxOptions, maildir};
+use mailqueue_sandbox::{Sandbox, maildir};
 
 /// Ingest throughput (raw IMAP ceiling and end to end) and memory.
 #[derive(Debug, Clone, Parser)]
@@ -104,43 +104,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else if args.messages == 0 || args.mailboxes == 0 || args.size_kb == 0 {
         bail!("--messages, --mailboxes and --size-kb must be at least 1");
     }
-    let sb = Sandbox::start(SandboxOptions::default())
-        .await
-        .context("starting the sandbox")?;
-    let db = match BenchDb::create(args.db).await {
-        Ok(db) => db,
-        Err(e) => {
-            let _ = sb.stop().await;
-            return Err(e);
-        }
-    };
-    let mut app: Option<RunningApp> = None;
-    let limit = Duration::from_secs(args.timeout_secs);
-    let outcome = tokio::time::timeout(limit, async {
-        if args.large_only {
-            large_only(&args, &sb, &db, &mut app).await
-        } else {
-            bulk(&args, &sb, &db, &mut app).await
-        }
-    })
-    .await;
-    // Clean up whatever happened: the engine, then the database, then the sandbox.
-    if let Some(app) = app.take() {
-        app.stop().await;
-    }
-    let dropped = db.drop_database().await;
-    let stopped = sb.stop().await;
-    let table = match outcome {
-        Ok(Ok(table)) => table,
-        Ok(Err(e)) => return Err(e),
-        Err(_) => bail!("stopped after --timeout-secs {}", args.timeout_secs),
-    };
-    if let Some(table) = table {
-        println!("{}", table.render());
-    }
-    dropped.context("dropping the benchmark database")?;
-    stopped.context("stopping the sandbox")?;
-    Ok(())
+    setup::in_sandbox(
+        args.db,
+        Duration::from_secs(args.timeout_secs),
+        async |sb, db, app| {
+            if args.large_only {
+                large_only(&args, sb, db, app).await
+            } else {
+                bulk(&args, sb, db, app).await
+            }
+        },
+        |table| {
+            if let Some(table) = table {
+                println!("{}", table.render());
+            }
+        },
+    )
+    .await
 }
 
 /// The main run: delivery, the IMAP ceiling, end-to-end ingest, and the large-mail child.

@@ -24,7 +24,7 @@ use mailqueue_engine::{
     mailboxes::MailboxState,
     startup::{self, RunningApp},
 };
-use mailqueue_sandbox::{Sandbox, SandboxOptions};
+use mailqueue_sandbox::Sandbox;
 
 /// Delivery → claimable latency with IDLE.
 #[derive(Debug, Clone, Parser)]
@@ -70,35 +70,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.mails == 0 {
         bail!("--mails must be at least 1");
     }
-    let sb = Sandbox::start(SandboxOptions::default())
-        .await
-        .context("starting the sandbox")?;
-    let db = match BenchDb::create(args.db).await {
-        Ok(db) => db,
-        Err(e) => {
-            let _ = sb.stop().await;
-            return Err(e);
-        }
-    };
-    let mut app: Option<RunningApp> = None;
-    let outcome = tokio::time::timeout(
+    setup::in_sandbox(
+        args.db,
         Duration::from_secs(args.timeout_secs),
-        measure(&args, &sb, &db, &mut app),
+        async |sb, db, app| measure(&args, sb, db, app).await,
+        |table| println!("{}", table.render()),
     )
-    .await;
-    if let Some(app) = app.take() {
-        app.stop().await;
-    }
-    let dropped = db.drop_database().await;
-    let stopped = sb.stop().await;
-    let table = match outcome {
-        Ok(result) => result?,
-        Err(_) => bail!("stopped after --timeout-secs {}", args.timeout_secs),
-    };
-    println!("{}", table.render());
-    dropped.context("dropping the benchmark database")?;
-    stopped.context("stopping the sandbox")?;
-    Ok(())
+    .await
 }
 
 async fn measure(
