@@ -17,6 +17,9 @@ pub struct Engine {
     config: Arc<RwLock<Arc<Config>>>,
     queues: Arc<RwLock<Arc<QueueDirectory>>>,
     events_appended: Arc<Notify>,
+    /// Bumped by [`Engine::replace_config`]; services that follow the configuration (mailbox supervisor, outbox
+    /// worker, API tokens) watch it.
+    config_version: Arc<tokio::sync::watch::Sender<u64>>,
     mailboxes: crate::mailboxes::StatusBoard,
 }
 
@@ -59,6 +62,7 @@ impl Engine {
             config: Arc::new(RwLock::new(Arc::new(config))),
             queues: Arc::default(),
             events_appended: Arc::default(),
+            config_version: Arc::new(tokio::sync::watch::Sender::new(0)),
             mailboxes: crate::mailboxes::StatusBoard::default(),
         };
         engine.sync_queues().await?;
@@ -67,6 +71,20 @@ impl Engine {
 
     pub async fn config(&self) -> Arc<Config> {
         self.config.read().await.clone()
+    }
+
+    /// Swaps in a new (already validated) configuration, syncs the queues from it and tells the watchers of
+    /// [`Engine::config_changes`]. Reload validates before calling this, so a bad file never gets here.
+    pub async fn replace_config(&self, config: Config) -> Result<()> {
+        *self.config.write().await = Arc::new(config);
+        self.sync_queues().await?;
+        self.config_version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// A receiver that changes each time the configuration is replaced.
+    pub fn config_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.config_version.subscribe()
     }
 
     pub async fn queues(&self) -> Arc<QueueDirectory> {
