@@ -145,6 +145,10 @@ pub struct Defaults {
     /// How long a claim lasts without a heartbeat before the contact returns to its queue.
     #[serde(default = "default_claim_lease")]
     pub claim_lease: Interval,
+    /// With several instances on one PostgreSQL, how long an instance holds a mailbox without renewing its lease
+    /// (renewed every third of it); a dead instance's mailboxes move to another after at most this. Default `15s`.
+    #[serde(default = "default_mailbox_lease")]
+    pub mailbox_lease: Interval,
 }
 
 fn default_language() -> LanguageTag {
@@ -159,6 +163,9 @@ fn default_max_size() -> u32 {
 fn default_claim_lease() -> Interval {
     Interval(Duration::from_secs(300))
 }
+fn default_mailbox_lease() -> Interval {
+    Interval(Duration::from_secs(15))
+}
 
 impl Default for Defaults {
     fn default() -> Self {
@@ -167,6 +174,7 @@ impl Default for Defaults {
             poll_interval: default_poll_interval(),
             max_email_size_mb: default_max_size(),
             claim_lease: default_claim_lease(),
+            mailbox_lease: default_mailbox_lease(),
         }
     }
 }

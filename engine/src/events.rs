@@ -1,5 +1,8 @@
 //! The event log read side: ordered, resumable reads with long polling. Events are appended by the operation
 //! that causes them, in its own transaction (`store::events::insert`).
+//!
+//! Long polls wake on an append in this process (`Engine::events_appended`), on an append by any other instance
+//! (PostgreSQL `NOTIFY` from the `events` trigger, received by [`spawn_listener`]), and every 250 ms as a fallback.
 
 use std::time::Duration;
 
@@ -69,8 +72,78 @@ pub async fn read(
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok((events, position));
         }
-        // Wake on an in-process append, or re-check periodically for appends by other processes.
+        // Wake on an append here or (through LISTEN) on another instance; re-check periodically as a fallback.
         let tick = Duration::from_millis(250).min(deadline - tokio::time::Instant::now());
         let _ = tokio::time::timeout(tick, notified).await;
+    }
+}
+
+/// The PostgreSQL channel that the `events` table's trigger notifies on every commit that appended events
+/// (migration 0003).
+pub const CHANNEL: &str = "mailqueue_events";
+
+/// Wakes this instance's event readers when any instance appends events: one `LISTEN` connection per instance
+/// (PostgreSQL only; `None` on SQLite, where the one instance wakes its readers in process). The events table stays
+/// the source of truth and readers still re-check every 250 ms, so a notification lost while the connection is
+/// re-established costs latency, never an event.
+pub fn spawn_listener(
+    engine: Engine,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if engine.backend != store::Backend::Postgres {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = listen(&engine) => {}
+        }
+    }))
+}
+
+/// Listens until the task is dropped; reconnects with backoff when the connection fails.
+async fn listen(engine: &Engine) {
+    use sea_orm::sqlx::postgres::PgListener;
+    const RETRY_MIN: Duration = Duration::from_millis(500);
+    const RETRY_MAX: Duration = Duration::from_secs(30);
+    let pool = engine.db.get_postgres_connection_pool();
+    let mut retry = RETRY_MIN;
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(pool).await?;
+            l.listen(CHANNEL).await?;
+            Ok::<_, sea_orm::sqlx::Error>(l)
+        };
+        let mut listener = match listener.await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for events of other instances; retrying in {retry:?}");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        tracing::debug!("listening for events of every instance");
+        // Whatever was appended while not listening.
+        engine.events_appended();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(_)) => {
+                    retry = RETRY_MIN;
+                    engine.events_appended();
+                }
+                // The connection dropped and was re-established; notifications in between are lost.
+                Ok(None) => {
+                    tracing::info!("the events LISTEN connection was re-established");
+                    engine.events_appended();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the events LISTEN connection failed; reconnecting in {retry:?}");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }

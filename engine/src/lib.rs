@@ -18,6 +18,7 @@ pub mod messages;
 pub mod outbox;
 pub mod queues;
 pub mod rescuer;
+pub mod sqlite_lock;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

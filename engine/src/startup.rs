@@ -20,11 +20,14 @@ pub struct RunningApp {
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
     services: Vec<JoinHandle<()>>,
+    /// SQLite only: held while running, so a second `serve` on the same file is refused.
+    _sqlite_lock: Option<crate::sqlite_lock::SqliteLock>,
 }
 
 /// Binds `config.api.listen`, starts the engine (connect, migrate, sync queues), the rescuer, the mailbox workers
 /// and the API.
 pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
+    let sqlite_lock = crate::sqlite_lock::acquire(&config.database.url)?;
     let listener = TcpListener::bind(&config.api.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
@@ -47,6 +50,9 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
         &config,
         stop.clone(),
     ));
+
+    // PostgreSQL: wake this instance's event readers when another instance appends events.
+    services.extend(crate::events::spawn_listener(engine.clone(), stop.clone()));
 
     let router = api::router(engine.clone(), &config, stop.clone());
     let shutdown = stop.clone().cancelled_owned();
@@ -79,6 +85,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
         stop,
         server: Some(server),
         services,
+        _sqlite_lock: sqlite_lock,
     })
 }
 

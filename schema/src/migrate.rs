@@ -43,6 +43,12 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("sql/0002_sender_rate.postgres.sql"),
         sqlite: include_str!("sql/0002_sender_rate.sqlite.sql"),
     },
+    Migration {
+        version: 3,
+        name: "instances_and_mailbox_leases",
+        postgres: include_str!("sql/0003_instances_and_mailbox_leases.postgres.sql"),
+        sqlite: include_str!("sql/0003_instances_and_mailbox_leases.sqlite.sql"),
+    },
 ];
 
 /// Opens a connection pool. SQLite files are created when missing, run in WAL mode and wait for locks instead of

@@ -5,8 +5,11 @@
 //!   logged), shares one token cache, restarts a worker that crashed, and ends after shutdown.
 //! * [`worker`]: one task per address — sessions, IDLE or polling, batches stored with the cursor in one
 //!   transaction before anything is done at the server, UIDVALIDITY resynchronisation, backoff.
+//! * [`leases`]: with several instances on one database, which instance fetches which mailbox (lease rows,
+//!   renewed by heartbeat, a fair share per live instance), and the guard a worker checks before storing.
 //! * [`status`]: what each worker is doing, for `GET /v1/mailboxes` and the logs.
 
+pub mod leases;
 pub mod status;
 pub mod supervisor;
 pub mod worker;

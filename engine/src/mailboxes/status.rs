@@ -29,6 +29,8 @@ pub enum MailboxState {
     Polling,
     /// Waiting before the next attempt after a failure (`error`, `next_retry_at`).
     BackingOff,
+    /// Another instance fetches this mailbox (`owner`), or it waits for this mailbox's lease.
+    Standby,
     /// Stopped (shutdown).
     Stopped,
 }
@@ -41,6 +43,7 @@ impl MailboxState {
             Self::Idle => "idle",
             Self::Polling => "polling",
             Self::BackingOff => "backing_off",
+            Self::Standby => "standby",
             Self::Stopped => "stopped",
         }
     }
@@ -192,6 +195,8 @@ pub struct MailboxStatus {
     pub login: String,
     /// The folder fetched from.
     pub folder: String,
+    /// The instance that holds the mailbox's lease and fetches it (`<host>:<pid>:<random>`), when known.
+    pub owner: Option<String>,
     pub state: MailboxState,
     /// Since when the worker is in `state`.
     pub state_since: DateTime<Utc>,
@@ -239,6 +244,7 @@ impl MailboxStatus {
             auth: auth.to_owned(),
             login: login.to_owned(),
             folder: folder.to_owned(),
+            owner: None,
             state: MailboxState::Connecting,
             state_since: Utc::now(),
             idle_supported: None,
@@ -313,6 +319,11 @@ impl StatusBoard {
 
     pub fn len(&self) -> usize {
         lock(&self.entries).len()
+    }
+
+    /// Drops the entries of mailboxes for which `keep(address)` is false (no longer configured).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        lock(&self.entries).retain(|e| keep(&lock(e).address));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -453,6 +464,27 @@ impl StatusHandle {
             error.cause,
             error.fix
         );
+    }
+
+    /// Not fetched here: another instance holds the lease (`owner`), or none does yet. Counters stay.
+    pub fn standby(&self, owner: Option<String>) {
+        self.with(|s| {
+            if s.state != MailboxState::Standby {
+                s.state = MailboxState::Standby;
+                s.state_since = Utc::now();
+            }
+            s.owner = owner;
+            s.next_retry_at = None;
+        });
+    }
+
+    /// This instance holds the lease as `owner` and starts fetching.
+    pub fn leased(&self, owner: &str) {
+        self.with(|s| {
+            s.owner = Some(owner.to_owned());
+            s.state = MailboxState::Connecting;
+            s.state_since = Utc::now();
+        });
     }
 
     /// The worker stopped (shutdown).

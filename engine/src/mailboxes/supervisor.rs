@@ -1,19 +1,47 @@
-//! The supervisor: one worker task per queue address of every enabled incoming server, sharing one token cache,
-//! each with its own status entry. A worker that panics is restarted after a pause; the others never notice. It
-//! ends when every worker has stopped (after the shutdown token fired).
+//! The supervisor: fetches the mailboxes of the configuration that this instance holds the lease of, one worker
+//! task each, sharing one token cache. It follows the configuration (`Engine::config_changes`): mailboxes added
+//! are taken, removed or disabled ones are stopped and their leases released, changed ones are restarted.
+//!
+//! **Several instances.** Every `ttl / 3` (`defaults.mailbox_lease`) the supervisor heartbeats its `instances` row,
+//! renews its leases (one statement), and balances: its fair share is `ceil(mailboxes / live instances)`; under it,
+//! it takes free or expired leases (one conditional upsert each, so two instances never both win); over it, it
+//! stops the workers of the extra mailboxes and releases their leases once they stopped, so a new instance gets
+//! work. A lease that another instance took over stops its worker at once; a lease that could not be renewed runs
+//! out on the worker's own clock (see `leases`). A dead instance's mailboxes are taken by the others once its
+//! leases expire, and their workers continue from the stored cursor (source keys make a re-fetch harmless).
+//!
+//! **Shutdown.** The instance row goes first (the others count one less), then every worker stops (a batch being
+//! stored finishes), then the leases are released so that another instance takes the mailboxes at once. A worker
+//! that panics is restarted after a pause; the others never notice.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
+use chrono::Utc;
 use mailqueue_config::Config;
 use mailqueue_connectors::oauth::{TokenCache, TokenRequest};
-use tokio::task::{JoinHandle, JoinSet};
+use sha2::{Digest, Sha256};
+use tokio::{
+    task::{JoinHandle, JoinSet},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    status::{MailboxError, MailboxStatus},
+    leases::{InstanceId, LeaseGuard, Timing, fair_share},
+    status::{MailboxError, MailboxStatus, StatusHandle},
     worker::{Mailbox, Server, Settings, Worker},
 };
-use crate::engine::Engine;
+use crate::{
+    engine::Engine,
+    store::{
+        instances,
+        mailbox_leases::{self, LeaseKey},
+    },
+};
 
 /// A crashed worker is restarted after this pause.
 const RESTART_PAUSE: Duration = Duration::from_secs(5);
@@ -28,6 +56,9 @@ pub struct Plan {
     pub unknown_server: Vec<String>,
     /// The extra CA files of the enabled servers, for the token endpoint's HTTPS.
     pub ca_files: Vec<std::path::PathBuf>,
+    /// A digest of everything a mailbox's worker takes from the configuration, by lease key: a worker whose
+    /// digest changed on reload is restarted.
+    pub fingerprints: HashMap<LeaseKey, String>,
 }
 
 impl Plan {
@@ -50,7 +81,9 @@ impl Plan {
             }
             servers.insert(&s.name, Arc::new(Server::new(s.clone())));
         }
+        let settings = Settings::from_config(config);
         let mut mailboxes = Vec::new();
+        let mut fingerprints = HashMap::new();
         let mut unknown_server = Vec::new();
         for queue in &config.queues {
             for a in &queue.addresses {
@@ -62,6 +95,13 @@ impl Plan {
                     unknown_server.push(a.address.to_string());
                     continue;
                 };
+                fingerprints.insert(
+                    LeaseKey {
+                        mailbox: a.address.to_string(),
+                        folder: a.folder.clone(),
+                    },
+                    fingerprint(&server.config, a, &queue.name, &settings),
+                );
                 mailboxes.push(Arc::new(Mailbox {
                     address: a.address.to_string(),
                     queue: queue.name.clone(),
@@ -74,14 +114,66 @@ impl Plan {
             }
         }
         Self {
-            settings: Arc::new(Settings::from_config(config)),
+            settings: Arc::new(settings),
             mailboxes,
             disabled,
             unknown_server,
             ca_files,
+            fingerprints,
         }
     }
+
+    /// The lease key of a planned mailbox: the key of its cursor.
+    pub fn key(mailbox: &Mailbox) -> LeaseKey {
+        LeaseKey {
+            mailbox: mailbox.address.clone(),
+            folder: mailbox.folder.clone(),
+        }
+    }
+
+    fn get(&self, key: &LeaseKey) -> Option<&Arc<Mailbox>> {
+        self.mailboxes.iter().find(|m| Self::key(m) == *key)
+    }
+
+    fn log(&self) {
+        for (name, addresses) in &self.disabled {
+            tracing::info!(
+                server = %name,
+                addresses,
+                "incoming server `{name}` is disabled (`enabled: false`); its {addresses} address(es) are not fetched"
+            );
+        }
+        for address in &self.unknown_server {
+            tracing::error!(%address, "address names an incoming server that is not configured; not fetched");
+        }
+        tracing::info!(
+            mailboxes = self.mailboxes.len(),
+            poll_interval = ?self.settings.poll_interval,
+            "{} mailbox(es) configured for fetching",
+            self.mailboxes.len()
+        );
+    }
 }
+
+/// A digest of what a worker of this address uses: server, address, queue, settings and the secrets' values
+/// (the `Debug` forms show only where secrets come from). Kept as a digest so no secret is held twice.
+fn fingerprint(
+    server: &mailqueue_config::IncomingServer,
+    address: &mailqueue_config::model::Address,
+    queue: &str,
+    settings: &Settings,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{server:?}\n{address:?}\n{queue}\n{settings:?}\n"));
+    for secret in [&server.client_secret, &address.password]
+        .into_iter()
+        .flatten()
+    {
+        h.update(Sha256::digest(secret.expose().as_bytes()));
+    }
+    hex::encode(h.finalize())
+}
+
 
 /// One token cache for every mailbox, trusting the servers' `ca_file`s as extra roots (for an https token endpoint
 /// behind a private CA, like the sandbox's).
@@ -103,98 +195,470 @@ pub fn token_cache(ca_files: &[std::path::PathBuf]) -> TokenCache {
     })
 }
 
-/// Starts a worker per queue address of the enabled servers and returns the supervisor's task. Status entries
-/// are registered before this returns, so `GET /v1/mailboxes` lists every mailbox at once.
+/// Starts the supervisor and returns its task. Status entries (`standby` until a lease is held) are registered
+/// before this returns, so `GET /v1/mailboxes` lists every configured mailbox at once.
 pub fn spawn(engine: Engine, config: &Config, stop: CancellationToken) -> JoinHandle<()> {
-    let plan = Plan::from_config(config);
-    for (name, addresses) in &plan.disabled {
-        tracing::info!(
-            server = %name,
-            addresses,
-            "incoming server `{name}` is disabled (`enabled: false`); its {addresses} address(es) are not fetched"
-        );
+    let supervisor = Supervisor::new(engine, InstanceId::new(), config, stop);
+    tokio::spawn(supervisor.run())
+}
+
+/// A worker that runs (or is stopping).
+struct Running {
+    worker: Worker,
+    fingerprint: String,
+}
+
+struct Supervisor {
+    engine: Engine,
+    me: InstanceId,
+    stop: CancellationToken,
+    timing: Timing,
+    plan: Plan,
+    tokens: TokenCache,
+    ca_files: Vec<std::path::PathBuf>,
+    /// Status entries of the configured mailboxes, by address.
+    statuses: HashMap<String, StatusHandle>,
+    /// The leases this instance holds, with how long its workers may use them (this process's clock).
+    held: HashMap<LeaseKey, Instant>,
+    /// Leases to give up once their worker has stopped (over the fair share).
+    releasing: HashSet<LeaseKey>,
+    running: HashMap<LeaseKey, Running>,
+    tasks: JoinSet<LeaseKey>,
+    by_task: HashMap<tokio::task::Id, LeaseKey>,
+    /// Workers that crashed wait until then before they are started again.
+    restart_after: HashMap<LeaseKey, Instant>,
+}
+
+impl Supervisor {
+    fn new(engine: Engine, me: InstanceId, config: &Config, stop: CancellationToken) -> Self {
+        tracing::info!(instance = %me.id, "mailbox supervisor of instance {}", me.id);
+        let plan = Plan::from_config(config);
+        plan.log();
+        let mut supervisor = Self {
+            engine,
+            me,
+            stop,
+            timing: Timing::new(config.defaults.mailbox_lease.0),
+            tokens: token_cache(&plan.ca_files),
+            ca_files: plan.ca_files.clone(),
+            plan,
+            statuses: HashMap::new(),
+            held: HashMap::new(),
+            releasing: HashSet::new(),
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            by_task: HashMap::new(),
+            restart_after: HashMap::new(),
+        };
+        supervisor.sync_statuses(&HashMap::new());
+        supervisor
     }
-    for address in &plan.unknown_server {
-        tracing::error!(%address, "address names an incoming server that is not configured; not fetched");
+
+    async fn run(mut self) {
+        let mut changes = self.engine.config_changes();
+        let mut next_tick = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                Ok(()) = changes.changed() => {
+                    let config = self.engine.config().await;
+                    self.timing = Timing::new(config.defaults.mailbox_lease.0);
+                    self.adopt(Plan::from_config(&config));
+                    self.reconcile();
+                    // Take newly configured mailboxes now rather than at the next renewal.
+                    next_tick = Instant::now();
+                }
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.exited(joined).await;
+                    self.reconcile();
+                }
+                () = tokio::time::sleep_until(next_tick) => {
+                    self.tick().await;
+                    next_tick = Instant::now() + self.timing.renew_every();
+                }
+            }
+        }
+        self.shutdown().await;
     }
-    let tokens = token_cache(&plan.ca_files);
-    let workers: Vec<Worker> = plan
-        .mailboxes
-        .iter()
-        .map(|m| Worker {
-            engine: engine.clone(),
-            status: engine.mailboxes().register(MailboxStatus::new(
+
+    /// Takes a new plan: registers the status entries of new (or changed) mailboxes, drops those of removed ones,
+    /// and renews the token cache when the CA files changed. Workers are started and stopped by `reconcile`.
+    fn adopt(&mut self, plan: Plan) {
+        plan.log();
+        if plan.ca_files != self.ca_files {
+            self.tokens = token_cache(&plan.ca_files);
+            self.ca_files = plan.ca_files.clone();
+        }
+        let previous = std::mem::replace(&mut self.plan, plan);
+        self.sync_statuses(&previous.fingerprints);
+    }
+
+    /// Registers the status entries of new mailboxes and of those whose configuration changed since `previous`,
+    /// and drops the entries of mailboxes no longer configured.
+    fn sync_statuses(&mut self, previous: &HashMap<LeaseKey, String>) {
+        for m in &self.plan.mailboxes {
+            let key = Plan::key(m);
+            let changed = previous.get(&key) != self.plan.fingerprints.get(&key);
+            if self.statuses.contains_key(&m.address) && !changed {
+                continue;
+            }
+            let status = self.engine.mailboxes().register(MailboxStatus::new(
                 &m.address,
                 &m.queue,
                 &m.server.config.name,
                 m.server.auth_name(),
                 &m.login,
                 &m.folder,
-            )),
-            mailbox: m.clone(),
-            tokens: tokens.clone(),
-            settings: plan.settings.clone(),
-            stop: stop.clone(),
-        })
-        .collect();
-    tracing::info!(
-        mailboxes = workers.len(),
-        poll_interval = ?plan.settings.poll_interval,
-        "fetching {} mailbox(es)",
-        workers.len()
-    );
-    tokio::spawn(supervise(workers, stop))
-}
-
-/// Runs the workers; restarts one that panicked (after [`RESTART_PAUSE`], unless stopping).
-async fn supervise(workers: Vec<Worker>, stop: CancellationToken) {
-    let mut set = JoinSet::new();
-    let mut by_task = HashMap::new();
-    for worker in workers {
-        let handle = set.spawn(worker.clone().run());
-        by_task.insert(handle.id(), worker);
+            ));
+            if self.held.contains_key(&key) {
+                status.leased(&self.me.id);
+            } else {
+                status.standby(None);
+            }
+            self.statuses.insert(m.address.clone(), status);
+        }
+        let configured: HashSet<&str> = self
+            .plan
+            .mailboxes
+            .iter()
+            .map(|m| m.address.as_str())
+            .collect();
+        self.statuses
+            .retain(|address, _| configured.contains(address.as_str()));
+        self.engine
+            .mailboxes()
+            .retain(|address| configured.contains(address));
     }
-    while let Some(joined) = set.join_next_with_id().await {
-        let (id, error) = match joined {
-            Ok((id, ())) => {
-                by_task.remove(&id);
+
+    /// The status entry of the mailbox `key` names, if it is configured with that folder.
+    fn status_of(&self, key: &LeaseKey) -> Option<&StatusHandle> {
+        self.statuses
+            .get(&key.mailbox)
+            .filter(|s| s.get().folder == key.folder)
+    }
+
+    /// Heartbeat, lease renewal, balancing, then `reconcile`. A database failure skips the rest of the tick: the
+    /// workers' leases run out on their own clock if it persists.
+    async fn tick(&mut self) {
+        if let Err(e) = self.tick_inner().await {
+            tracing::warn!(error = %e, "cannot renew the mailbox leases; retrying");
+        }
+        self.reconcile();
+    }
+
+    async fn tick_inner(&mut self) -> Result<(), sea_orm::DbErr> {
+        let db = &self.engine.db;
+        let ttl = self.timing.ttl;
+        // Taken before the statements are sent: the leases were valid from at least this instant.
+        let sent = Instant::now();
+        let now = Utc::now();
+        instances::heartbeat(db, &self.me.id, &self.me.hostname, self.me.pid, now, ttl).await?;
+        let live = instances::live(db, now).await?.len();
+        let renewed: HashSet<LeaseKey> = mailbox_leases::renew(db, &self.me.id, now, ttl)
+            .await?
+            .into_iter()
+            .collect();
+        self.renewed(&renewed, sent + self.timing.hold_for());
+
+        // Leases of mailboxes no longer configured whose workers stopped: give them up.
+        let stale: Vec<LeaseKey> = self
+            .held
+            .keys()
+            .filter(|k| !self.plan.fingerprints.contains_key(*k) && !self.running.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in stale {
+            self.release(&key).await?;
+        }
+
+        let share = fair_share(self.plan.mailboxes.len(), live);
+        let mine: BTreeSet<LeaseKey> = self
+            .held
+            .keys()
+            .filter(|k| self.plan.fingerprints.contains_key(*k) && !self.releasing.contains(*k))
+            .cloned()
+            .collect();
+        if mine.len() > share {
+            self.give_up(mine.iter().rev().take(mine.len() - share).cloned().collect())
+                .await?;
+        }
+        let leases = mailbox_leases::all(&self.engine.db).await?;
+        if mine.len() < share {
+            self.take(&leases, share - mine.len(), live).await?;
+        }
+        self.show_owners(&leases);
+        // Instances dead for a day are forgotten.
+        instances::purge(&self.engine.db, now - chrono::Duration::days(1)).await?;
+        Ok(())
+    }
+
+    /// Applies a renewal: held leases are extended; a lease that is gone was taken over (or released).
+    fn renewed(&mut self, renewed: &HashSet<LeaseKey>, valid_until: Instant) {
+        let lost: Vec<LeaseKey> = self
+            .held
+            .keys()
+            .filter(|k| !renewed.contains(*k))
+            .cloned()
+            .collect();
+        for key in lost {
+            self.held.remove(&key);
+            self.releasing.remove(&key);
+            if let Some(r) = self.running.get(&key) {
+                tracing::warn!(
+                    address = %key.mailbox,
+                    folder = %key.folder,
+                    "the mailbox lease was taken over by another instance; stopping its worker"
+                );
+                r.worker.lease.revoke();
+            }
+        }
+        for key in renewed {
+            self.held.insert(key.clone(), valid_until);
+            if let Some(r) = self.running.get(key) {
+                r.worker.lease.extend(valid_until);
+            }
+        }
+    }
+
+    /// Over the fair share: stop these workers; their leases are released once they stopped.
+    async fn give_up(&mut self, keys: Vec<LeaseKey>) -> Result<(), sea_orm::DbErr> {
+        for key in keys {
+            tracing::info!(
+                address = %key.mailbox,
+                folder = %key.folder,
+                "over this instance's fair share of mailboxes; handing one over to another instance"
+            );
+            match self.running.get(&key) {
+                Some(r) => {
+                    r.worker.stop.cancel();
+                    self.releasing.insert(key);
+                }
+                None => self.release(&key).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Under the fair share: take up to `wanted` configured mailboxes whose lease is free or expired.
+    async fn take(
+        &mut self,
+        leases: &[mailbox_leases::Lease],
+        wanted: usize,
+        live: usize,
+    ) -> Result<(), sea_orm::DbErr> {
+        let now = Utc::now();
+        let taken: HashSet<LeaseKey> = leases
+            .iter()
+            .filter(|l| l.expires_at >= now)
+            .map(|l| LeaseKey {
+                mailbox: l.mailbox.clone(),
+                folder: l.folder.clone(),
+            })
+            .collect();
+        let mut free: Vec<LeaseKey> = self
+            .plan
+            .mailboxes
+            .iter()
+            .map(|m| Plan::key(m))
+            .filter(|k| !taken.contains(k) && !self.held.contains_key(k))
+            .collect();
+        // Instances that start together should not all reach for the same mailboxes first.
+        if live > 1 {
+            use rand::seq::SliceRandom as _;
+            free.shuffle(&mut rand::rng());
+        }
+        let mut got = 0;
+        for key in free {
+            if got == wanted {
+                break;
+            }
+            let sent = Instant::now();
+            let (now, ttl) = (Utc::now(), self.timing.ttl);
+            if mailbox_leases::acquire(&self.engine.db, &key.mailbox, &key.folder, &self.me.id, now, ttl)
+                .await?
+            {
+                tracing::info!(address = %key.mailbox, folder = %key.folder, "took the mailbox lease");
+                self.held.insert(key, sent + self.timing.hold_for());
+                got += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up a lease now (its worker, if any, has stopped).
+    async fn release(&mut self, key: &LeaseKey) -> Result<(), sea_orm::DbErr> {
+        self.held.remove(key);
+        self.releasing.remove(key);
+        mailbox_leases::release(&self.engine.db, &key.mailbox, &key.folder, &self.me.id).await?;
+        if let Some(status) = self.status_of(key) {
+            status.standby(None);
+        }
+        Ok(())
+    }
+
+    /// Shows, for the mailboxes fetched elsewhere, which instance holds them.
+    fn show_owners(&self, leases: &[mailbox_leases::Lease]) {
+        let now = Utc::now();
+        for m in &self.plan.mailboxes {
+            let key = Plan::key(m);
+            if self.held.contains_key(&key) || self.running.contains_key(&key) {
                 continue;
             }
-            Err(e) => (e.id(), e),
-        };
-        let Some(worker) = by_task.remove(&id) else {
-            continue;
-        };
-        if error.is_cancelled() {
-            continue;
-        }
-        let message = panic_message(error);
-        tracing::error!(
-            address = %worker.mailbox.address,
-            panic = %message,
-            "mailbox worker crashed; restarting it"
-        );
-        let next = chrono::Utc::now()
-            + chrono::Duration::from_std(RESTART_PAUSE).unwrap_or(chrono::Duration::zero());
-        worker.status.failed(
-            MailboxError::internal(format!("the mailbox worker crashed: {message}")),
-            next,
-        );
-        if stop.is_cancelled() {
-            worker.status.stopped();
-            continue;
-        }
-        let restarted = worker.clone();
-        let stop = stop.clone();
-        let handle = set.spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => restarted.status.stopped(),
-                _ = tokio::time::sleep(RESTART_PAUSE) => restarted.run().await,
+            let owner = leases
+                .iter()
+                .find(|l| l.mailbox == key.mailbox && l.folder == key.folder && l.expires_at >= now)
+                .map(|l| l.owner.clone());
+            if let Some(status) = self.statuses.get(&m.address) {
+                status.standby(owner);
             }
-        });
-        by_task.insert(handle.id(), worker);
+        }
     }
-    tracing::debug!("all mailbox workers stopped");
+
+    /// Stops the workers that should not run (mailbox removed or changed, lease lost or being handed over) and
+    /// starts those that should (lease held and usable, configured, not waiting after a crash).
+    fn reconcile(&mut self) {
+        for (key, r) in &self.running {
+            let wanted = self.held.contains_key(key)
+                && !self.releasing.contains(key)
+                && self.plan.fingerprints.get(key) == Some(&r.fingerprint);
+            if !wanted && !r.worker.stop.is_cancelled() {
+                r.worker.stop.cancel();
+            }
+        }
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        let startable: Vec<(LeaseKey, Instant)> = self
+            .held
+            .iter()
+            .filter(|(k, until)| {
+                **until > now
+                    && !self.running.contains_key(*k)
+                    && !self.releasing.contains(*k)
+                    && self.restart_after.get(*k).is_none_or(|t| *t <= now)
+            })
+            .map(|(k, until)| (k.clone(), *until))
+            .collect();
+        for (key, until) in startable {
+            self.start(key, until);
+        }
+    }
+
+    fn start(&mut self, key: LeaseKey, valid_until: Instant) {
+        let (Some(mailbox), Some(fingerprint), Some(status)) = (
+            self.plan.get(&key).cloned(),
+            self.plan.fingerprints.get(&key).cloned(),
+            self.statuses.get(&key.mailbox).cloned(),
+        ) else {
+            return;
+        };
+        self.restart_after.remove(&key);
+        status.leased(&self.me.id);
+        let stop = self.stop.child_token();
+        let worker = Worker {
+            engine: self.engine.clone(),
+            status,
+            mailbox,
+            tokens: self.tokens.clone(),
+            settings: self.plan.settings.clone(),
+            lease: LeaseGuard::new(valid_until, stop.clone()),
+            stop,
+        };
+        let task = {
+            let worker = worker.clone();
+            let key = key.clone();
+            async move {
+                let lease = worker.lease.clone();
+                lease.watch(worker.run()).await;
+                key
+            }
+        };
+        let handle = self.tasks.spawn(task);
+        self.by_task.insert(handle.id(), key.clone());
+        self.running.insert(
+            key,
+            Running {
+                worker,
+                fingerprint,
+            },
+        );
+    }
+
+    /// A worker ended: it was stopped (release its lease if it is being handed over or no longer configured) or
+    /// it crashed (restart it after a pause).
+    async fn exited(&mut self, joined: Result<(tokio::task::Id, LeaseKey), tokio::task::JoinError>) {
+        let (key, crash) = match joined {
+            Ok((id, key)) => {
+                self.by_task.remove(&id);
+                (key, None)
+            }
+            Err(e) => match self.by_task.remove(&e.id()) {
+                Some(key) => (key, Some(e)),
+                None => return,
+            },
+        };
+        let Some(running) = self.running.remove(&key) else {
+            return;
+        };
+        if let Some(error) = crash.filter(|e| !e.is_cancelled()) {
+            let message = panic_message(error);
+            tracing::error!(address = %key.mailbox, panic = %message, "mailbox worker crashed; restarting it");
+            let next = Utc::now()
+                + chrono::Duration::from_std(RESTART_PAUSE).unwrap_or(chrono::Duration::zero());
+            running.worker.status.failed(
+                MailboxError::internal(format!("the mailbox worker crashed: {message}")),
+                next,
+            );
+            self.restart_after.insert(key.clone(), Instant::now() + RESTART_PAUSE);
+        }
+        let configured = self.plan.fingerprints.contains_key(&key);
+        if self.releasing.contains(&key) || (!configured && self.held.contains_key(&key)) {
+            if let Err(e) = self.release(&key).await {
+                // It expires on its own within the TTL.
+                tracing::warn!(error = %e, address = %key.mailbox, "cannot release the mailbox lease");
+            }
+        } else if !self.held.contains_key(&key)
+            && let Some(status) = self.status_of(&key)
+        {
+            status.standby(None);
+        }
+    }
+
+    /// See the module doc: instance row, workers, then leases.
+    async fn shutdown(mut self) {
+        let db = self.engine.db.clone();
+        if let Err(e) = instances::remove(&db, &self.me.id).await {
+            tracing::warn!(error = %e, "cannot remove this instance's row; it expires on its own");
+        }
+        for r in self.running.values() {
+            r.worker.stop.cancel();
+        }
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            if let Err(e) = joined
+                && e.is_panic()
+                && let Some(key) = self.by_task.get(&e.id())
+                && let Some(r) = self.running.get(key)
+            {
+                r.worker.status.stopped();
+            }
+        }
+        match mailbox_leases::release_all(&db, &self.me.id).await {
+            Ok(n) if n > 0 => tracing::info!(leases = n, "released {n} mailbox lease(s)"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot release the mailbox leases; other instances take them when they expire"
+            ),
+        }
+        for status in self.statuses.values() {
+            if status.get().state != super::MailboxState::Stopped {
+                status.stopped();
+            }
+        }
+        tracing::debug!("all mailbox workers stopped");
+    }
 }
 
 fn panic_message(error: tokio::task::JoinError) -> String {

@@ -45,7 +45,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::status::{MailboxError, MailboxState, StatusHandle};
+use super::{
+    leases::LeaseGuard,
+    status::{MailboxError, MailboxState, StatusHandle},
+};
 use crate::{
     engine::Engine,
     ingest::{Cursor, Incoming, Outcome, parse_mail},
@@ -283,7 +286,10 @@ pub struct Worker {
     pub tokens: TokenCache,
     pub settings: Arc<Settings>,
     pub status: StatusHandle,
+    /// This worker's own stop token (shutdown, the mailbox removed from the configuration, its lease lost).
     pub stop: CancellationToken,
+    /// The mailbox's lease: checked before each batch is stored.
+    pub lease: LeaseGuard,
 }
 
 impl Worker {
@@ -546,6 +552,7 @@ impl Worker {
         );
         let final_cursor = self.cursor(uv, max_uid);
         if batches.is_empty() {
+            self.ensure_lease()?;
             self.engine
                 .ingest_batch(Vec::new(), Some(final_cursor.clone()))
                 .await
@@ -642,6 +649,7 @@ impl Worker {
         let outcomes = if mails.is_empty() && cursor.is_none() {
             Vec::new()
         } else {
+            self.ensure_lease()?;
             self.engine
                 .ingest_batch(mails, cursor)
                 .await
@@ -690,6 +698,24 @@ impl Worker {
             tracing::debug!(mails = batch.len(), "batch already stored; acted on");
         }
         Ok(())
+    }
+
+    /// Fails when the mailbox's lease is no longer held: nothing more is stored (another instance may fetch the
+    /// mailbox now; what this batch fetched stays on the server for it). See `leases` for the remaining window.
+    fn ensure_lease(&self) -> Result<(), MailboxError> {
+        if self.lease.is_held() {
+            return Ok(());
+        }
+        Err(MailboxError::new(
+            "lease",
+            mailqueue_connectors::explain::Explanation::new(
+                "this instance no longer holds the mailbox's lease; the batch was not stored",
+                "nothing to do: the instance that holds the lease fetches the mailbox (check the database \
+                 connection if this repeats)",
+            ),
+            "mailbox lease lost",
+            true,
+        ))
     }
 
     /// Mail of this batch whose Message-ID is already stored as inbound from this address (resynchronisation).
@@ -747,6 +773,7 @@ impl Worker {
         })?;
         let limit = self.settings.max_email_size_mb;
         let store_err = |e: sea_orm::DbErr| MailboxError::store(&e.into());
+        self.ensure_lease()?;
         let txn = store::begin_write(&self.engine.db)
             .await
             .map_err(store_err)?;

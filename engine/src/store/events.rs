@@ -4,6 +4,9 @@
 //! order, one sequencer at a time (an advisory lock on PostgreSQL, the write lock on SQLite), so sequence numbers
 //! grow in the order rows became visible: a reader that resumes after `seq` N can never miss a row that committed
 //! late with a smaller id.
+//!
+//! On PostgreSQL a statement trigger on `events` (migration 0003) runs `pg_notify('mailqueue_events', '')`, so every
+//! commit that appended events wakes the readers of every instance (`events::spawn_listener`).
 
 use chrono::Utc;
 use mailqueue_schema::entity::event;

@@ -4,7 +4,9 @@
 pub mod attachments;
 pub mod contacts;
 pub mod events;
+pub mod instances;
 pub mod mailbox_cursors;
+pub mod mailbox_leases;
 pub mod messages;
 pub mod outbox;
 pub mod quarantine;
