@@ -366,6 +366,11 @@ pub struct OutgoingServer {
     #[serde(default = "default_outgoing_max")]
     #[schemars(range(min = 1, max = 40))]
     pub max_email_size_mb: u32,
+    /// Replies sent at once, each on its own connection (1..=32, per engine instance). Default 3: Exchange Online
+    /// accepts at most three concurrent SMTP submissions per mailbox and answers more with `432 4.3.2`.
+    #[serde(default = "default_smtp_connections")]
+    #[schemars(range(min = 1, max = 32))]
+    pub connections: u32,
     /// Who operators' alerting reaches when sending keeps failing.
     #[serde(default)]
     pub contact_information: Option<String>,
@@ -385,6 +390,9 @@ fn default_smtp_scopes() -> Vec<String> {
 }
 fn default_outgoing_max() -> u32 {
     25
+}
+fn default_smtp_connections() -> u32 {
+    3
 }
 
 /// A queue of contacts and the mailboxes that feed it.

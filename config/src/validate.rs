@@ -28,6 +28,8 @@ impl Findings {
 }
 
 const MAX_SIZE_MB: std::ops::RangeInclusive<u32> = 1..=40;
+/// Concurrent SMTP connections of the outgoing server.
+const SMTP_CONNECTIONS: std::ops::RangeInclusive<u32> = 1..=32;
 
 pub(crate) fn validate(config: &Config, root: &Node, poisoned: &HashSet<usize>, f: &mut Findings) {
     database(config, root, f);
@@ -171,6 +173,17 @@ fn outgoing_server(config: &Config, root: &Node, f: &mut Findings) {
         node.pos_of("max_email_size_mb"),
         f,
     );
+    if !SMTP_CONNECTIONS.contains(&out.connections) {
+        f.error(
+            node.pos_of("connections"),
+            format!(
+                "outgoing_server.connections is {}; expected {}..={} (Exchange Online allows 3 per mailbox)",
+                out.connections,
+                SMTP_CONNECTIONS.start(),
+                SMTP_CONNECTIONS.end()
+            ),
+        );
+    }
     match out.auth {
         AuthType::OauthService => {
             if node.get("client_secret").is_none() {

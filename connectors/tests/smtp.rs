@@ -63,6 +63,7 @@ fn outgoing(sb: &Sandbox, username: &str) -> OutgoingServer {
         password: None,
         scopes: vec![SMTP_SERVICE_SCOPE.into()],
         max_email_size_mb: 25,
+        connections: 3,
         contact_information: None,
         ca_file: Some(sb.ca_file().to_path_buf()),
     }

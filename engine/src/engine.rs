@@ -17,6 +17,8 @@ pub struct Engine {
     config: Arc<RwLock<Arc<Config>>>,
     queues: Arc<RwLock<Arc<QueueDirectory>>>,
     events_appended: Arc<Notify>,
+    /// Wakes the outbox workers of this process when a reply is stored (other instances find it by polling).
+    reply_stored: Arc<Notify>,
     /// Bumped by [`Engine::replace_config`]; services that follow the configuration (mailbox supervisor, outbox
     /// worker, API tokens) watch it.
     config_version: Arc<tokio::sync::watch::Sender<u64>>,
@@ -62,6 +64,7 @@ impl Engine {
             config: Arc::new(RwLock::new(Arc::new(config))),
             queues: Arc::default(),
             events_appended: Arc::default(),
+            reply_stored: Arc::default(),
             config_version: Arc::new(tokio::sync::watch::Sender::new(0)),
             mailboxes: crate::mailboxes::StatusBoard::default(),
         };
@@ -133,6 +136,18 @@ impl Engine {
     /// Resolves when events may have been appended (or spuriously); used by long polls.
     pub fn events_notify(&self) -> &Notify {
         &self.events_appended
+    }
+
+    /// Wakes an outbox worker of this process; call after committing a new (due) reply.
+    pub fn reply_stored(&self) {
+        // `notify_one` keeps a permit when no worker is waiting, so a reply stored while the worker is busy is
+        // not missed.
+        self.reply_stored.notify_one();
+    }
+
+    /// Resolves after [`Engine::reply_stored`]; the outbox worker waits on it between its polls.
+    pub fn reply_stored_notify(&self) -> &Notify {
+        &self.reply_stored
     }
 
     /// The status of every fetched mailbox (filled by the mailbox workers, read by `GET /v1/mailboxes`).

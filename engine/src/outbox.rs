@@ -324,6 +324,7 @@ impl Engine {
             Ok(reply) => {
                 txn.commit().await?;
                 self.events_appended();
+                self.reply_stored();
                 Ok(reply)
             }
             Err(e) => {

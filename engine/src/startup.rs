@@ -44,12 +44,8 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
         // The mailbox workers: IMAP → queues, until `stop` (IDLE is cancelled, a batch being stored finishes).
         mailboxes::spawn(engine.clone(), &config, stop.clone()),
     ];
-    // The outbox worker: replies → the outgoing SMTP server, when one is configured.
-    services.extend(crate::outbox::worker::spawn(
-        engine.clone(),
-        &config,
-        stop.clone(),
-    ));
+    // The outbox worker: replies → the outgoing SMTP server (idle while none is configured; follows reloads).
+    services.push(crate::outbox::worker::spawn(engine.clone(), stop.clone()));
 
     // PostgreSQL: wake this instance's event readers when another instance appends events.
     services.extend(crate::events::spawn_listener(engine.clone(), stop.clone()));

@@ -398,10 +398,7 @@ async fn two_workers_send_each_reply_once() {
         ..Default::default()
     };
     let workers: Vec<_> = (0..2)
-        .map(|_| {
-            worker::spawn_with(engine.clone(), &config, settings.clone(), stop.clone())
-                .expect("worker")
-        })
+        .map(|_| worker::spawn_with(engine.clone(), settings.clone(), stop.clone()))
         .collect();
     for r in &ids {
         wait_state(&engine, r.id, "sent").await;
@@ -459,7 +456,7 @@ async fn stuck_sending_row_is_failed_not_resent() {
         .await
         .expect("stuck");
     let stop = tokio_util::sync::CancellationToken::new();
-    let w = worker::spawn(engine.clone(), &config, stop.clone()).expect("worker");
+    let w = worker::spawn(engine.clone(), stop.clone());
     let (_, attempts, error) = wait_state(&engine, r.id, "failed").await;
     assert_eq!(attempts, 1);
     assert_eq!(error.as_deref(), Some(worker::OUTCOME_UNKNOWN));
@@ -504,7 +501,7 @@ async fn failing_server_is_reported_unhealthy_then_healthy() {
         unhealthy_after: Duration::ZERO,
         ..Default::default()
     };
-    let w = worker::spawn_with(engine.clone(), &config, settings, stop.clone()).expect("worker");
+    let w = worker::spawn_with(engine.clone(), settings, stop.clone());
     let (_, attempts, _) = wait_state(&engine, r.id, "sent").await;
     sb.smtp().clear_faults();
     assert_eq!(attempts, 3);
@@ -632,4 +629,473 @@ async fn reply_with_attachments_is_sent_as_multipart_mixed() {
         "{raw}"
     );
     app.stop().await;
+}
+
+/// Starts an engine (no services) over `yaml` and a worker with fast retries; the worker follows the engine's
+/// configuration.
+async fn engine_with_worker(
+    yaml: &str,
+    settings: worker::Settings,
+) -> (
+    Engine,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let engine = Engine::start(parse_config(yaml)).await.expect("engine");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w = worker::spawn_with(engine.clone(), settings, stop.clone());
+    (engine, stop, w)
+}
+
+fn fast() -> worker::Settings {
+    worker::Settings {
+        poll_interval: Duration::from_millis(50),
+        retry_base: Duration::from_millis(50),
+        ..Default::default()
+    }
+}
+
+/// A reply to a fresh seeded contact of queue `support`, to a fresh customer address.
+async fn seeded_reply(engine: &Engine, text: &str) -> mailqueue_engine::outbox::Reply {
+    let contact = mailqueue_tests::seed_contact(engine, "support", "en", 5, 0).await;
+    let mut req = reply(text);
+    req.to = Some(vec![format!("{}@example.com", unique("c"))]);
+    engine
+        .submit_reply(contact, Actor::Supervisor("admin"), req)
+        .await
+        .expect("reply stored")
+}
+
+fn copies(sb: &Sandbox, rfc_message_id: &str) -> usize {
+    sb.sent()
+        .iter()
+        .filter(|e| e.message_id.as_deref() == Some(rfc_message_id))
+        .count()
+}
+
+/// The outgoing username is a mailbox the service app has no FullAccess on: Exchange answers `535 5.7.3` to the
+/// first token and again to a freshly fetched one. The reply fails after one attempt with the 5.7.3 checklist and
+/// is not retried; the outgoing server is reported unhealthy to its contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_rejected_twice_fails_with_the_5_7_3_checklist() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, _queue_box) = config(sb, &db, false, Some("anna@contoso.com"));
+    let (engine, stop, w) = engine_with_worker(&yaml, fast()).await;
+    let r = seeded_reply(&engine, "Refused twice.").await;
+
+    let (_, attempts, error) = wait_state(&engine, r.id, "failed").await;
+    assert_eq!(attempts, 1, "a refused token is not retried by the worker");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("535 5.7.3"), "{error}");
+    let failed = events(&engine, "reply.failed").await;
+    let event = failed
+        .iter()
+        .find(|e| e["reply_id"] == r.id)
+        .expect("reply.failed");
+    let fix = event["fix"].as_str().unwrap_or_default();
+    for step in [
+        "SMTP.SendAsApp",
+        "New-ServicePrincipal",
+        "Add-MailboxPermission",
+    ] {
+        assert!(fix.contains(step), "the fix names {step}: {event}");
+    }
+    let unhealthy = events(&engine, "outgoing.unhealthy").await;
+    assert_eq!(unhealthy.len(), 1, "{unhealthy:?}");
+    assert_eq!(
+        unhealthy[0]["contact_information"],
+        "ops-oncall@example.com"
+    );
+    assert!(
+        unhealthy[0]["cause"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty()),
+        "{unhealthy:?}"
+    );
+    stop.cancel();
+    w.await.expect("worker task");
+    assert_eq!(copies(sb, &r.rfc_message_id), 0);
+}
+
+/// The server answers `451` to every attempt: the reply is retried with backoff and failed at the attempt limit,
+/// with the cause, and never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn temporary_faults_give_up_at_the_attempt_limit() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, _queue_box) = config(sb, &db, true, None);
+    sb.smtp().inject_fault(SmtpFault {
+        point: FaultPoint::Mail,
+        action: FaultAction::Reply451,
+        count: 1000,
+    });
+    let settings = worker::Settings {
+        max_attempts: 3,
+        ..fast()
+    };
+    let (engine, stop, w) = engine_with_worker(&yaml, settings).await;
+    let r = seeded_reply(&engine, "Never accepted.").await;
+
+    let (_, attempts, error) = wait_state(&engine, r.id, "failed").await;
+    sb.smtp().clear_faults();
+    assert_eq!(attempts, 3);
+    let error = error.unwrap_or_default();
+    assert!(error.starts_with("gave up after 3 attempts"), "{error}");
+    assert!(error.contains("451"), "{error}");
+    let retrying: Vec<_> = events(&engine, "reply.retrying")
+        .await
+        .into_iter()
+        .filter(|e| e["reply_id"] == r.id)
+        .collect();
+    assert_eq!(retrying.len(), 2, "{retrying:?}");
+    let failed = events(&engine, "reply.failed").await;
+    let event = failed
+        .iter()
+        .find(|e| e["reply_id"] == r.id)
+        .expect("reply.failed");
+    assert_eq!(event["attempts"], 3, "{event}");
+    assert!(
+        event["cause"].as_str().is_some_and(|c| !c.is_empty()),
+        "{event}"
+    );
+    stop.cancel();
+    w.await.expect("worker task");
+    assert_eq!(copies(sb, &r.rfc_message_id), 0);
+}
+
+/// `max_email_size_mb` lowered (by a configuration reload) after a reply was stored: the worker refuses it before
+/// connecting, fails it with the size explanation, and does not count it against the server's health.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reply_too_large_after_a_reload_is_failed_not_sent() {
+    use mailqueue_engine::outbox::ReplyAttachment;
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, _queue_box) = config(sb, &db, true, None);
+    let engine = Engine::start(parse_config(&yaml)).await.expect("engine");
+    let contact = mailqueue_tests::seed_contact(&engine, "support", "en", 5, 0).await;
+    let mut req = reply("The file you asked for.");
+    req.to = Some(vec![format!("{}@example.com", unique("c"))]);
+    // 1.2 MB of 'A's is valid base64 for 900 KB: about 1.2 MB once encoded in the mail, above a 1 MB limit.
+    req.attachments = vec![ReplyAttachment {
+        filename: "scan.bin".into(),
+        content_type: "application/octet-stream".into(),
+        content_base64: "A".repeat(1_200_000),
+    }];
+    let r = engine
+        .submit_reply(contact, Actor::Supervisor("admin"), req)
+        .await
+        .expect("stored under the 25 MB limit");
+
+    let lowered = yaml.replace(
+        "outgoing_server:\n",
+        "outgoing_server:\n  max_email_size_mb: 1\n",
+    );
+    engine
+        .replace_config(parse_config(&lowered))
+        .await
+        .expect("reload");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let w = worker::spawn_with(engine.clone(), fast(), stop.clone());
+
+    let (_, attempts, error) = wait_state(&engine, r.id, "failed").await;
+    assert_eq!(attempts, 1);
+    let error = error.unwrap_or_default();
+    assert!(error.contains("message too large"), "{error}");
+    assert!(error.contains("max_email_size_mb"), "{error}");
+    let failed = events(&engine, "reply.failed").await;
+    let event = failed
+        .iter()
+        .find(|e| e["reply_id"] == r.id)
+        .expect("reply.failed");
+    assert!(
+        event["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("smaller attachments")),
+        "{event}"
+    );
+    assert!(
+        events(&engine, "outgoing.unhealthy").await.is_empty(),
+        "a local size refusal says nothing about the server"
+    );
+    stop.cancel();
+    w.await.expect("worker task");
+    assert_eq!(copies(sb, &r.rfc_message_id), 0);
+}
+
+/// A running worker follows a configuration reload: after the outgoing `username` changes, the next reply is sent
+/// by the new mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_switches_the_outgoing_server() {
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let (yaml, queue_box) = config(sb, &db, false, None);
+    let (engine, stop, w) = engine_with_worker(&yaml, fast()).await;
+    let first = seeded_reply(&engine, "From the first mailbox.").await;
+    wait_state(&engine, first.id, "sent").await;
+    assert!(
+        sent_raw(sb, &first.rfc_message_id)
+            .0
+            .user
+            .eq_ignore_ascii_case(&queue_box)
+    );
+
+    let other = sb.new_mailbox("outbox-reload");
+    let quoted = |s: &str| serde_json::to_string(s).unwrap();
+    let reloaded = yaml.replace(
+        &format!("username: {}", quoted(&queue_box)),
+        &format!("username: {}", quoted(&other)),
+    );
+    assert_ne!(reloaded, yaml);
+    engine
+        .replace_config(parse_config(&reloaded))
+        .await
+        .expect("reload");
+    let second = seeded_reply(&engine, "From the second mailbox.").await;
+    wait_state(&engine, second.id, "sent").await;
+    let (entry, raw) = sent_raw(sb, &second.rfc_message_id);
+    assert!(entry.user.eq_ignore_ascii_case(&other), "{entry:?}");
+    assert!(raw.contains(&format!("From: {other}")), "{raw}");
+    stop.cancel();
+    w.await.expect("worker task");
+}
+
+/// From when the contact arrived on an address whose `sender` flag is off: another sender-enabled address of the
+/// queue; the agent's choice in the reply request wins over both (also over a sender-enabled arrival address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn from_falls_back_to_another_sender_address_or_the_agents_choice() {
+    use mailqueue_engine::ingest::{Incoming, Outcome};
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(Kind::Sqlite).await;
+    // support@contoso.com may send as help@contoso.com in the sandbox world; the app has FullAccess on support@.
+    let (sender, alias) = ("support@contoso.com", "help@contoso.com");
+    let arrival = sb.new_mailbox("outbox-nosend");
+    let mut c = SandboxConfig::empty(sb, &db.url);
+    c.servers = vec![SbServer::service(sb, "svc")];
+    c.queues = vec![SbQueue::new(
+        "support",
+        5,
+        "en",
+        vec![
+            SbAddress::new(&arrival, "svc"),
+            SbAddress::new(sender, "svc"),
+            SbAddress::new(alias, "svc"),
+        ],
+    )];
+    c.extra = outgoing_yaml(sb, sender);
+    let quoted = |s: &str| serde_json::to_string(s).unwrap();
+    let yaml = c.yaml().replace(
+        &format!(
+            "address: {}\n        server: \"svc\"\n        sender: true",
+            quoted(&arrival)
+        ),
+        &format!(
+            "address: {}\n        server: \"svc\"\n        sender: false",
+            quoted(&arrival)
+        ),
+    );
+    assert!(yaml.contains("sender: false"), "{yaml}");
+    let (engine, stop, w) = engine_with_worker(&yaml, fast()).await;
+
+    let contact_on = async |address: &str| {
+        let customer = format!("{}@example.com", unique("cust"));
+        let raw = mailqueue_tests::mail(
+            &customer,
+            address,
+            "Order 4711",
+            &format!("{}@example.com", unique("m")),
+            "Where is it?",
+        );
+        match engine
+            .ingest(Incoming {
+                raw: &raw,
+                address,
+                source_key: None,
+            })
+            .await
+            .expect("ingest")
+        {
+            Outcome::Created { contact_id, .. } => contact_id,
+            other => panic!("expected a new contact, got {other:?}"),
+        }
+    };
+    let send = async |contact: i64, from: Option<&str>| {
+        let mut req = reply("Here you are.");
+        req.from = from.map(str::to_owned);
+        let r = engine
+            .submit_reply(contact, Actor::Supervisor("admin"), req)
+            .await
+            .expect("reply stored");
+        wait_state(&engine, r.id, "sent").await;
+        sent_raw(sb, &r.rfc_message_id)
+    };
+
+    // Arrived on the non-sender address, no choice: the queue's first sender-enabled address, no Reply-To.
+    let on_arrival = contact_on(&arrival).await;
+    let (entry, raw) = send(on_arrival, None).await;
+    assert!(entry.mail_from.eq_ignore_ascii_case(sender), "{entry:?}");
+    assert!(raw.contains(&format!("From: {sender}")), "{raw}");
+    assert!(!raw.contains("\nReply-To:"), "{raw}");
+    // The agent chose the alias.
+    let (entry, raw) = send(on_arrival, Some(alias)).await;
+    assert!(entry.mail_from.eq_ignore_ascii_case(alias), "{entry:?}");
+    assert!(raw.contains(&format!("From: {alias}")), "{raw}");
+    // Arrived on a sender-enabled address, but the agent chose the alias: the choice wins.
+    let on_sender = contact_on(sender).await;
+    let (entry, raw) = send(on_sender, Some(alias)).await;
+    assert!(entry.mail_from.eq_ignore_ascii_case(alias), "{entry:?}");
+    assert!(raw.contains(&format!("From: {alias}")), "{raw}");
+    stop.cancel();
+    w.await.expect("worker task");
+}
+
+// ---- At most one copy: the real binary killed mid-send ----
+
+fn serve(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    failpoint: Option<&str>,
+) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let log = std::fs::File::create(log).expect("log file");
+    let mut command = Command::new(mailqueue_tests::mailqueue_bin());
+    command
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
+    match failpoint {
+        Some(name) => command.env("MAILQUEUE_FAILPOINT", name),
+        None => command.env_remove("MAILQUEUE_FAILPOINT"),
+    };
+    command.spawn().expect("start mailqueue serve")
+}
+
+async fn wait_exit(
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mailqueue serve did not exit:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `mailqueue serve` with `failpoint` armed over one stored reply, which makes the process abort mid-send;
+/// then restarts it. `accepted`: whether the failpoint fires after the server accepted the reply. After the restart
+/// the interrupted reply is failed as "outcome unknown" and never sent again (the sent index holds exactly the
+/// copies the server had accepted before the crash), and a reply stored meanwhile is sent once.
+async fn killed_mid_send(kind: Kind, failpoint: &str, accepted: bool) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let _serial = SERIAL.lock().await;
+    let sb = Sandbox::shared().await;
+    let db = TestDb::new(kind).await;
+    let (yaml, _queue_box) = config(sb, &db, true, None);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("mailqueue.yaml");
+    std::fs::write(&path, &yaml).expect("config file");
+    // The test's own engine stores replies and reads the rows; it runs no worker.
+    let engine = Engine::start(parse_config(&yaml)).await.expect("engine");
+    let interrupted = seeded_reply(&engine, "Interrupted.").await;
+
+    let log1 = dir.path().join("run1.log");
+    let mut child = serve(&path, &log1, Some(failpoint));
+    let status = wait_exit(&mut child, &log1).await;
+    let logs = std::fs::read_to_string(&log1).unwrap_or_default();
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "run 1 must abort: {status:?}\n{logs}"
+    );
+    assert!(logs.contains(&format!("failpoint {failpoint}")), "{logs}");
+    let (state, attempts, _) = state_of(&engine, interrupted.id).await;
+    assert_eq!(
+        (state.as_str(), attempts),
+        ("sending", 1),
+        "the attempt was recorded before sending"
+    );
+    let before = usize::from(accepted);
+    assert_eq!(copies(sb, &interrupted.rfc_message_id), before, "{logs}");
+
+    // While the engine is down, another reply is stored; the interrupted claim's 10-minute lease runs out
+    // (moved into the past here instead of waiting).
+    let waiting = seeded_reply(&engine, "Stored while the engine was down.").await;
+    engine
+        .db
+        .execute_raw(stmt(
+            &engine.db,
+            "UPDATE outbox SET locked_until = $1 WHERE id = $2",
+            [
+                (chrono::Utc::now() - chrono::Duration::seconds(1)).into(),
+                interrupted.id.into(),
+            ],
+        ))
+        .await
+        .expect("lease ran out");
+
+    let log2 = dir.path().join("run2.log");
+    let mut child = serve(&path, &log2, None);
+    let failed = tokio::time::timeout(WAIT, wait_state(&engine, interrupted.id, "failed")).await;
+    let sent = tokio::time::timeout(WAIT, wait_state(&engine, waiting.id, "sent")).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let exit = wait_exit(&mut child, &log2).await;
+    let logs = std::fs::read_to_string(&log2).unwrap_or_default();
+    let (_, attempts, error) =
+        failed.unwrap_or_else(|_| panic!("not failed after restart:\n{logs}"));
+    sent.unwrap_or_else(|_| panic!("the waiting reply was not sent:\n{logs}"));
+    assert!(exit.success(), "run 2 stops cleanly: {exit:?}\n{logs}");
+    assert_eq!(attempts, 1, "never attempted again");
+    assert_eq!(error.as_deref(), Some(worker::OUTCOME_UNKNOWN));
+    let event = events(&engine, "reply.failed")
+        .await
+        .into_iter()
+        .find(|e| e["reply_id"] == interrupted.id)
+        .expect("reply.failed");
+    assert!(
+        event["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("Sent Items")),
+        "{event}"
+    );
+    assert_eq!(
+        copies(sb, &interrupted.rfc_message_id),
+        before,
+        "not resent after the restart"
+    );
+    assert_eq!(copies(sb, &waiting.rfc_message_id), 1);
+}
+
+mod killed_after_the_server_accepted {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        killed_mid_send(Kind::Postgres, worker::FAILPOINT_AFTER_ACCEPT, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite() {
+        killed_mid_send(Kind::Sqlite, worker::FAILPOINT_AFTER_ACCEPT, true).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_before_sending_sends_nothing() {
+    killed_mid_send(Kind::Sqlite, worker::FAILPOINT_BEFORE_SEND, false).await;
 }

@@ -293,6 +293,14 @@ pub async fn list_for_contact(
         .await
 }
 
+/// Message `id`, without raw bytes.
+pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<MessageRow>, DbErr> {
+    let sql = format!("SELECT {ROW_COLUMNS} FROM messages WHERE id = $1");
+    MessageRow::find_by_statement(stmt(db, &sql, [id.into()]))
+        .one(db)
+        .await
+}
+
 /// The newest inbound message of a contact (the one a reply answers).
 pub async fn latest_inbound(
     db: &impl ConnectionTrait,

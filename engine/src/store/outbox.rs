@@ -53,33 +53,43 @@ pub async fn list_for_contact(
     .await
 }
 
-/// Claims the oldest due `pending` row for worker `me`: state `sending`, locked until `now + lease`, one more
-/// attempt. The attempt is recorded by this statement's commit, before anything is sent. Several workers never
-/// claim the same row: on PostgreSQL `FOR UPDATE SKIP LOCKED` lets each take a different one; SQLite serialises
-/// writers, and the `state = 'pending'` re-check keeps a row from being claimed twice.
+/// Claims up to `limit` due `pending` rows for worker `me`, oldest first: state `sending`, locked until
+/// `now + lease`, one more attempt each. The attempts are recorded by this statement's commit, before anything is
+/// sent. Several workers never claim the same row: on PostgreSQL `FOR UPDATE SKIP LOCKED` lets each take different
+/// ones; SQLite serialises writers, and the `state = 'pending'` re-check keeps a row from being claimed twice.
+///
+/// The rows are picked in a `MATERIALIZED` CTE, so the locking subquery runs exactly once: an `IN (SELECT …
+/// LIMIT n FOR UPDATE SKIP LOCKED)` may be planned as a semi-join that re-runs it and claims more than `limit`
+/// (see the claim invariant in ARCHITECTURE.md).
 pub async fn claim(
     db: &impl ConnectionTrait,
     me: &str,
     lease: chrono::Duration,
-) -> Result<Option<outbox::Model>, DbErr> {
+    limit: usize,
+) -> Result<Vec<outbox::Model>, DbErr> {
     let now = Utc::now();
     let lock = match super::Backend::of(db) {
         super::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         super::Backend::Sqlite => "",
     };
     let sql = format!(
-        "UPDATE outbox SET state = 'sending', locked_by = $1, locked_until = $2, attempts = attempts + 1, \
-         updated_at = $3 WHERE state = 'pending' AND id = (SELECT id FROM outbox WHERE state = 'pending' \
-         AND next_attempt_at <= $3 ORDER BY next_attempt_at, id LIMIT 1{lock}) RETURNING *"
+        "WITH due AS MATERIALIZED (SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
+         ORDER BY next_attempt_at, id LIMIT $4{lock}) \
+         UPDATE outbox SET state = 'sending', locked_by = $1, locked_until = $2, attempts = attempts + 1, \
+         updated_at = $3 WHERE state = 'pending' AND id IN (SELECT id FROM due) RETURNING *"
     );
-    outbox::Entity::find()
+    let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+    let mut rows = outbox::Entity::find()
         .from_raw_sql(stmt(
             db,
             &sql,
-            [me.into(), (now + lease).into(), now.into()],
+            [me.into(), (now + lease).into(), now.into(), limit.into()],
         ))
-        .one(db)
-        .await
+        .all(db)
+        .await?;
+    // RETURNING gives no order; send the oldest first.
+    rows.sort_by_key(|r| (r.next_attempt_at, r.id));
+    Ok(rows)
 }
 
 /// Rows left in `sending` past their lease (the worker that claimed them stopped while sending): marked `failed`
