@@ -23,7 +23,11 @@ pub fn acquire(url: &str) -> anyhow::Result<Option<SqliteLock>> {
     let path = lock_path(&db);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| {
-            anyhow::anyhow!("cannot create the directory {} for {}: {e}", dir.display(), db.display())
+            anyhow::anyhow!(
+                "cannot create the directory {} for {}: {e}",
+                dir.display(),
+                db.display()
+            )
         })?;
     }
     let file = OpenOptions::new()
@@ -42,7 +46,11 @@ pub fn acquire(url: &str) -> anyhow::Result<Option<SqliteLock>> {
             lock = path.display(),
         ),
         Err(TryLockError::Error(e)) => {
-            anyhow::bail!("cannot lock {} for the SQLite database {}: {e}", path.display(), db.display())
+            anyhow::bail!(
+                "cannot lock {} for the SQLite database {}: {e}",
+                path.display(),
+                db.display()
+            )
         }
     }
 }
@@ -73,14 +81,23 @@ mod tests {
 
     #[test]
     fn finds_the_file_of_sqlite_urls() {
-        assert_eq!(sqlite_file("sqlite:///var/lib/mq.db"), Some("/var/lib/mq.db".into()));
-        assert_eq!(sqlite_file("sqlite://data/mq.db?mode=rwc"), Some("data/mq.db".into()));
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/mq.db"),
+            Some("/var/lib/mq.db".into())
+        );
+        assert_eq!(
+            sqlite_file("sqlite://data/mq.db?mode=rwc"),
+            Some("data/mq.db".into())
+        );
         assert_eq!(sqlite_file("sqlite:mq.db"), Some("mq.db".into()));
         assert_eq!(sqlite_file("sqlite::memory:"), None);
         assert_eq!(sqlite_file("sqlite://:memory:"), None);
         assert_eq!(sqlite_file("sqlite://x.db?mode=memory"), None);
         assert_eq!(sqlite_file("postgres://u@h/db"), None);
-        assert_eq!(lock_path(Path::new("/a/mq.db")), PathBuf::from("/a/mq.db.lock"));
+        assert_eq!(
+            lock_path(Path::new("/a/mq.db")),
+            PathBuf::from("/a/mq.db.lock")
+        );
     }
 
     #[test]
@@ -89,7 +106,10 @@ mod tests {
         let url = format!("sqlite://{}", dir.join("mq.db").display());
         let first = acquire(&url).unwrap().expect("a lock");
         let e = acquire(&url).unwrap_err().to_string();
-        assert!(e.contains("mq.db") && e.contains("single-instance") && e.contains("PostgreSQL"), "{e}");
+        assert!(
+            e.contains("mq.db") && e.contains("single-instance") && e.contains("PostgreSQL"),
+            "{e}"
+        );
         drop(first);
         assert!(acquire(&url).unwrap().is_some(), "released on drop");
         assert!(acquire("sqlite::memory:").unwrap().is_none());

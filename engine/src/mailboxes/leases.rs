@@ -120,7 +120,10 @@ impl LeaseGuard {
 
     /// A guard that never runs out, for a worker without leases (tools, tests).
     pub fn unlimited(stop: CancellationToken) -> Self {
-        Self::new(Instant::now() + Duration::from_secs(100 * 365 * 86_400), stop)
+        Self::new(
+            Instant::now() + Duration::from_secs(100 * 365 * 86_400),
+            stop,
+        )
     }
 
     pub fn valid_until(&self) -> Instant {
@@ -203,7 +206,10 @@ mod tests {
     fn instance_ids_name_host_and_process() {
         let a = InstanceId::new();
         let b = InstanceId::new();
-        assert!(a.id.starts_with(&format!("{}:{}:", a.hostname, a.pid)), "{a:?}");
+        assert!(
+            a.id.starts_with(&format!("{}:{}:", a.hostname, a.pid)),
+            "{a:?}"
+        );
         assert_ne!(a.id, b.id);
     }
 

@@ -174,7 +174,6 @@ fn fingerprint(
     hex::encode(h.finalize())
 }
 
-
 /// One token cache for every mailbox, trusting the servers' `ca_file`s as extra roots (for an https token endpoint
 /// behind a private CA, like the sandbox's).
 pub fn token_cache(ca_files: &[std::path::PathBuf]) -> TokenCache {
@@ -380,8 +379,14 @@ impl Supervisor {
             .cloned()
             .collect();
         if mine.len() > share {
-            self.give_up(mine.iter().rev().take(mine.len() - share).cloned().collect())
-                .await?;
+            self.give_up(
+                mine.iter()
+                    .rev()
+                    .take(mine.len() - share)
+                    .cloned()
+                    .collect(),
+            )
+            .await?;
         }
         let leases = mailbox_leases::all(&self.engine.db).await?;
         if mine.len() < share {
@@ -475,8 +480,15 @@ impl Supervisor {
             }
             let sent = Instant::now();
             let (now, ttl) = (Utc::now(), self.timing.ttl);
-            if mailbox_leases::acquire(&self.engine.db, &key.mailbox, &key.folder, &self.me.id, now, ttl)
-                .await?
+            if mailbox_leases::acquire(
+                &self.engine.db,
+                &key.mailbox,
+                &key.folder,
+                &self.me.id,
+                now,
+                ttl,
+            )
+            .await?
             {
                 tracing::info!(address = %key.mailbox, folder = %key.folder, "took the mailbox lease");
                 self.held.insert(key, sent + self.timing.hold_for());
@@ -588,7 +600,10 @@ impl Supervisor {
 
     /// A worker ended: it was stopped (release its lease if it is being handed over or no longer configured) or
     /// it crashed (restart it after a pause).
-    async fn exited(&mut self, joined: Result<(tokio::task::Id, LeaseKey), tokio::task::JoinError>) {
+    async fn exited(
+        &mut self,
+        joined: Result<(tokio::task::Id, LeaseKey), tokio::task::JoinError>,
+    ) {
         let (key, crash) = match joined {
             Ok((id, key)) => {
                 self.by_task.remove(&id);
@@ -611,7 +626,8 @@ impl Supervisor {
                 MailboxError::internal(format!("the mailbox worker crashed: {message}")),
                 next,
             );
-            self.restart_after.insert(key.clone(), Instant::now() + RESTART_PAUSE);
+            self.restart_after
+                .insert(key.clone(), Instant::now() + RESTART_PAUSE);
         }
         let configured = self.plan.fingerprints.contains_key(&key);
         if self.releasing.contains(&key) || (!configured && self.held.contains_key(&key)) {

@@ -552,7 +552,9 @@ impl Worker {
         );
         let final_cursor = self.cursor(uv, max_uid);
         if batches.is_empty() {
-            self.ensure_lease()?;
+            if !self.lease.is_held() {
+                return Err(lease_lost());
+            }
             self.engine
                 .ingest_batch(Vec::new(), Some(final_cursor.clone()))
                 .await
@@ -649,7 +651,9 @@ impl Worker {
         let outcomes = if mails.is_empty() && cursor.is_none() {
             Vec::new()
         } else {
-            self.ensure_lease()?;
+            if !self.lease.is_held() {
+                return Err(lease_lost());
+            }
             self.engine
                 .ingest_batch(mails, cursor)
                 .await
@@ -698,24 +702,6 @@ impl Worker {
             tracing::debug!(mails = batch.len(), "batch already stored; acted on");
         }
         Ok(())
-    }
-
-    /// Fails when the mailbox's lease is no longer held: nothing more is stored (another instance may fetch the
-    /// mailbox now; what this batch fetched stays on the server for it). See `leases` for the remaining window.
-    fn ensure_lease(&self) -> Result<(), MailboxError> {
-        if self.lease.is_held() {
-            return Ok(());
-        }
-        Err(MailboxError::new(
-            "lease",
-            mailqueue_connectors::explain::Explanation::new(
-                "this instance no longer holds the mailbox's lease; the batch was not stored",
-                "nothing to do: the instance that holds the lease fetches the mailbox (check the database \
-                 connection if this repeats)",
-            ),
-            "mailbox lease lost",
-            true,
-        ))
     }
 
     /// Mail of this batch whose Message-ID is already stored as inbound from this address (resynchronisation).
@@ -773,7 +759,9 @@ impl Worker {
         })?;
         let limit = self.settings.max_email_size_mb;
         let store_err = |e: sea_orm::DbErr| MailboxError::store(&e.into());
-        self.ensure_lease()?;
+        if !self.lease.is_held() {
+            return Err(lease_lost());
+        }
         let txn = store::begin_write(&self.engine.db)
             .await
             .map_err(store_err)?;
@@ -936,6 +924,21 @@ impl Worker {
         );
         self.act(imap, live, &mut done, &mut to_quarantine).await
     }
+}
+
+/// This instance no longer holds the mailbox's lease: nothing more is stored (another instance may fetch the mailbox
+/// now; what the batch fetched stays on the server for it). See `leases` for the remaining window.
+fn lease_lost() -> MailboxError {
+    MailboxError::new(
+        "lease",
+        mailqueue_connectors::explain::Explanation::new(
+            "this instance no longer holds the mailbox's lease; the batch was not stored",
+            "nothing to do: the instance that holds the lease fetches the mailbox (check the database connection \
+             if this repeats)",
+        ),
+        "mailbox lease lost",
+        true,
+    )
 }
 
 /// Mail that is not downloaded weighs only its headers in a batch.
