@@ -791,4 +791,118 @@ queues:
             assert_eq!(s.state, super::super::MailboxState::Stopped, "{s:?}");
         }
     }
+
+    /// Waits (generously) until `check` holds.
+    async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !check().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn leased(engine: &Engine) -> Vec<(String, String, String)> {
+        mailbox_leases::all(&engine.db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.mailbox, l.folder, l.owner))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn follows_configuration_changes_with_its_leases() {
+        let dir = std::env::temp_dir().join(format!("mq-sup-{:08x}", rand::random::<u32>()));
+        let url = format!("sqlite://{}", dir.join("mq.db").display());
+        let db = mailqueue_schema::connect(&url).await.unwrap();
+        mailqueue_schema::migrate(&db).await.unwrap();
+        let unreachable = |yaml: &str| {
+            config(
+                &yaml
+                    .replace(
+                        "imap: { host: outlook.office365.com }",
+                        "imap: { host: 127.0.0.1, port: 9 }",
+                    )
+                    .replace(
+                        "https://login.microsoftonline.com/contoso.onmicrosoft.com",
+                        "http://127.0.0.1:9/contoso",
+                    ),
+            )
+        };
+        let first = unreachable(YAML);
+        let engine = Engine::with_connection(db, first.clone()).await.unwrap();
+        let stop = CancellationToken::new();
+        let task = spawn(engine.clone(), &first, stop.clone());
+
+        // The only instance (SQLite) takes both mailboxes, keyed like their cursors, and shows itself as owner.
+        until("both mailboxes leased", async || {
+            leased(&engine).await.len() == 2
+        })
+        .await;
+        let rows = leased(&engine).await;
+        let keys: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|(m, f, _)| (m.as_str(), f.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("anna@contoso.com", "INBOX"),
+                ("support@contoso.com", "Orders")
+            ]
+        );
+        let owner = rows[0].2.clone();
+        assert_eq!(rows[1].2, owner);
+        assert!(
+            owner.contains(&format!(":{}:", std::process::id())),
+            "{owner}"
+        );
+        for s in engine.mailboxes().snapshot() {
+            assert_eq!(s.owner.as_deref(), Some(owner.as_str()), "{s:?}");
+        }
+
+        // Reload: anna's address is removed, a new address appears.
+        let second = unreachable(
+            &YAML
+                .replace(
+                    "      - { address: anna@contoso.com, account: anna.login@contoso.com, server: usr, password: pw, sender: true }\n",
+                    "",
+                )
+                .replace(
+                    "- { address: old@contoso.com, server: off }",
+                    "- { address: new@contoso.com, server: svc }",
+                ),
+        );
+        engine.replace_config(second).await.unwrap();
+        until("the new mailbox leased and anna's released", async || {
+            let keys: Vec<String> = leased(&engine).await.into_iter().map(|l| l.0).collect();
+            keys == ["new@contoso.com", "support@contoso.com"]
+        })
+        .await;
+        let listed: Vec<String> = engine
+            .mailboxes()
+            .snapshot()
+            .into_iter()
+            .map(|s| s.address)
+            .collect();
+        assert_eq!(listed, ["new@contoso.com", "support@contoso.com"]);
+
+        // Shutdown releases every lease and the instance row.
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the supervisor stops")
+            .unwrap();
+        assert!(leased(&engine).await.is_empty());
+        assert!(
+            instances::live(&engine.db, Utc::now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        for s in engine.mailboxes().snapshot() {
+            assert_eq!(s.state, super::super::MailboxState::Stopped, "{s:?}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
