@@ -23,6 +23,8 @@ pub struct Diagnostic {
     pub file: PathBuf,
     pub line: usize,
     pub column: usize,
+    /// The dotted key path at that position (`queues[1].priority`), when there is one.
+    pub field: Option<String>,
     pub message: String,
 }
 
@@ -69,6 +71,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
             file: path.into(),
             line: 0,
             column: 0,
+            field: None,
             message: format!("cannot read: {e}"),
         }])
     })?;
@@ -81,8 +84,9 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 /// keys, wrong types, bad values), then secrets, then cross-field rules. All problems found are
 /// returned together, sorted by position.
 pub fn load_str(path: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
-    let diagnostics = |problems: Vec<Problem>| to_diagnostics(path, problems);
-    let (doc, duplicates) = tree::parse(text).map_err(|p| ConfigErrors(diagnostics(p)))?;
+    let (doc, duplicates) =
+        tree::parse(text).map_err(|p| ConfigErrors(to_diagnostics(path, None, p)))?;
+    let diagnostics = |problems: Vec<Problem>| to_diagnostics(path, Some(&doc), problems);
     if matches!(doc.root.kind, tree::Kind::Null) {
         let problem = (
             tree::Pos { line: 1, column: 1 },
@@ -123,7 +127,12 @@ pub fn load_str(path: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
     })
 }
 
-fn to_diagnostics(path: &Path, mut problems: Vec<Problem>) -> Vec<Diagnostic> {
+/// Problems with the file name and, when the document parsed, the key path at each position.
+fn to_diagnostics(
+    path: &Path,
+    doc: Option<&tree::Doc>,
+    mut problems: Vec<Problem>,
+) -> Vec<Diagnostic> {
     problems.sort_by_key(|(pos, _)| *pos);
     problems.dedup();
     problems
@@ -132,6 +141,7 @@ fn to_diagnostics(path: &Path, mut problems: Vec<Problem>) -> Vec<Diagnostic> {
             file: path.into(),
             line: pos.line,
             column: pos.column,
+            field: doc.and_then(|d| d.path_at(pos)).map(str::to_owned),
             message,
         })
         .collect()

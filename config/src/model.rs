@@ -34,6 +34,9 @@ pub struct Config {
     /// and mail it cannot store.
     #[serde(default)]
     pub ingest: Ingest,
+    /// How long closed contacts, their raw mail and events are kept. Off by default: everything is kept forever.
+    #[serde(default)]
+    pub retention: Retention,
 }
 
 /// The database contacts, mails and events are stored in.
@@ -99,7 +102,7 @@ impl Default for Api {
 }
 
 /// A bearer token accepted by the API, and what its holder may do.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiToken {
     /// Who uses the token (agent id, service name); shown in events and logs.
@@ -257,6 +260,58 @@ impl Default for SenderLimit {
     }
 }
 
+/// The retention job: what is deleted once it is older than an age. Each age is optional; an absent age keeps that
+/// data forever, so the job does nothing unless at least one age is set. Every instance may run it at once.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Closed contacts are deleted, with their messages, attachments and replies, once they have been closed this
+    /// long (e.g. `365d`). Contacts with a reply still waiting to be sent are kept until it is sent or failed.
+    #[serde(default)]
+    pub closed_contacts: Option<Interval>,
+    /// The raw RFC 822 bytes of the messages of contacts closed this long ago are dropped (e.g. `30d`); the parsed
+    /// text, headers and attachments stay, and `GET …/raw` answers 410 Gone.
+    #[serde(default)]
+    pub raw_messages: Option<Interval>,
+    /// Events older than this are deleted (e.g. `30d`). An event stream client that stays away longer than this
+    /// misses the deleted events; the newest event is always kept so sequence numbers continue.
+    #[serde(default)]
+    pub events: Option<Interval>,
+    /// How often the job runs. Default `1h`.
+    #[serde(default = "default_retention_interval")]
+    pub interval: Interval,
+    /// Rows deleted per transaction, so no lock is held long (1..=10000). Default 1000.
+    #[serde(default = "default_retention_batch")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: u32,
+}
+
+fn default_retention_interval() -> Interval {
+    Interval(Duration::from_secs(3600))
+}
+fn default_retention_batch() -> u32 {
+    1000
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            closed_contacts: None,
+            raw_messages: None,
+            events: None,
+            interval: default_retention_interval(),
+            batch_size: default_retention_batch(),
+        }
+    }
+}
+
+impl Retention {
+    /// Whether the job has anything to do.
+    pub fn is_enabled(&self) -> bool {
+        self.closed_contacts.is_some() || self.raw_messages.is_some() || self.events.is_some()
+    }
+}
+
 /// How a server obtains OAuth2 access tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -268,7 +323,7 @@ pub enum AuthType {
 }
 
 /// An IMAP server with OAuth2 that queue addresses are fetched from.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingServer {
     /// Name that queue addresses refer to.
@@ -301,7 +356,7 @@ pub struct IncomingServer {
 }
 
 /// An IMAP server's address and TLS mode.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImapEndpoint {
     /// Host name.
@@ -330,7 +385,7 @@ pub enum ImapTls {
 }
 
 /// The SMTP server with OAuth2 that replies are sent through.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutgoingServer {
     /// Host name.
@@ -396,7 +451,7 @@ fn default_smtp_connections() -> u32 {
 }
 
 /// A queue of contacts and the mailboxes that feed it.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Queue {
     /// Unique queue name used by the API and by agents' tokens.
@@ -416,7 +471,7 @@ fn default_priority() -> i32 {
 }
 
 /// A mailbox that feeds a queue.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
     /// The queue's email address (what customers write to).
@@ -622,7 +677,8 @@ pub enum SecretSource {
 }
 
 /// A secret (client secret, password, API token). Never printed: Debug and Display show only where it comes from.
-#[derive(Clone, JsonSchema)]
+/// Equal when both the source and the resolved value are (reload compares configurations).
+#[derive(Clone, PartialEq, Eq, JsonSchema)]
 #[schemars(with = "SecretSource")]
 pub struct Secret {
     source: SecretSource,

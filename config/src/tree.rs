@@ -123,6 +123,12 @@ impl Doc {
         self.parents.get(id).copied().unwrap_or(self.root.id)
     }
 
+    /// The dotted path of the outermost node at `pos` (a mapping rather than its first key), if any.
+    pub fn path_at(&self, pos: Pos) -> Option<&str> {
+        let id = find_at(&self.root, pos)?;
+        Some(self.path(id)).filter(|p| !p.is_empty())
+    }
+
     /// The node with this id (ids are pre-order, so this is a walk; documents are small).
     pub fn node(&self, id: usize) -> Option<&Node> {
         find(&self.root, id)
@@ -138,6 +144,20 @@ fn find(node: &Node, id: usize) -> Option<&Node> {
         Kind::Map(entries) => entries
             .iter()
             .find_map(|(k, v)| find(k, id).or_else(|| find(v, id))),
+        _ => None,
+    }
+}
+
+/// The id of the outermost node at `pos` (pre-order: a collection comes before its children).
+fn find_at(node: &Node, pos: Pos) -> Option<usize> {
+    if node.pos == pos {
+        return Some(node.id);
+    }
+    match &node.kind {
+        Kind::Seq(items) => items.iter().find_map(|n| find_at(n, pos)),
+        Kind::Map(entries) => entries
+            .iter()
+            .find_map(|(k, v)| find_at(k, pos).or_else(|| find_at(v, pos))),
         _ => None,
     }
 }

@@ -45,6 +45,44 @@ pub(crate) fn validate(config: &Config, root: &Node, poisoned: &HashSet<usize>, 
     outgoing_server(config, root, f);
     queues(config, root, poisoned, f);
     ingest(config, root, poisoned, f);
+    retention(config, root, f);
+}
+
+const RETENTION_BATCH: std::ops::RangeInclusive<u32> = 1..=10_000;
+
+fn retention(config: &Config, root: &Node, f: &mut Findings) {
+    let Some(node) = root.get("retention") else {
+        return;
+    };
+    let r = &config.retention;
+    if !RETENTION_BATCH.contains(&r.batch_size) {
+        f.error(
+            node.pos_of("batch_size"),
+            format!(
+                "retention.batch_size {} is out of range; expected {}..={}",
+                r.batch_size,
+                RETENTION_BATCH.start(),
+                RETENTION_BATCH.end()
+            ),
+        );
+    }
+    if let (Some(raw), Some(contacts)) = (r.raw_messages, r.closed_contacts)
+        && raw.0 >= contacts.0
+    {
+        f.warn(
+            node.pos_of("raw_messages"),
+            format!(
+                "retention.raw_messages ({raw}) is not shorter than retention.closed_contacts ({contacts}): \
+                 the contacts are deleted first, so it has no effect"
+            ),
+        );
+    }
+    if !r.is_enabled() {
+        f.warn(
+            node.pos,
+            "retention sets none of `closed_contacts`, `raw_messages`, `events`: nothing is ever deleted",
+        );
+    }
 }
 
 fn database(config: &Config, root: &Node, f: &mut Findings) {

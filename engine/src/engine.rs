@@ -78,9 +78,12 @@ impl Engine {
 
     /// Swaps in a new (already validated) configuration, syncs the queues from it and tells the watchers of
     /// [`Engine::config_changes`]. Reload validates before calling this, so a bad file never gets here.
+    ///
+    /// The queues are synced first, so a database error leaves the engine on its old configuration.
     pub async fn replace_config(&self, config: Config) -> Result<()> {
+        let dir = crate::queues::sync(&self.db, &config).await?;
         *self.config.write().await = Arc::new(config);
-        self.sync_queues().await?;
+        *self.queues.write().await = Arc::new(dir);
         self.config_version.send_modify(|v| *v += 1);
         Ok(())
     }

@@ -21,6 +21,9 @@ pub enum Error {
     /// The content is larger than allowed.
     #[error("{0}")]
     TooLarge(String),
+    /// The thing existed but was deleted on purpose (e.g. raw mail dropped by the retention job).
+    #[error("{0}")]
+    Gone(String),
     #[error("database error: {0}")]
     Db(#[from] DbErr),
     #[error(transparent)]

@@ -185,9 +185,18 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<mailqueue_config::Confi
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => {
-            let config = load_config(&config)?;
-            mailqueue_engine::startup::serve(config, shutdown_signal()).await
+        Command::Serve { config: file } => {
+            use mailqueue_engine::startup;
+            let config = load_config(&file)?;
+            // Registered before starting, so a SIGHUP during start-up does not end the process (its default).
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("cannot listen for SIGHUP")?;
+            let options = startup::Options {
+                config_file: Some(file),
+            };
+            let app = startup::spawn_with(config, options).await?;
+            tokio::spawn(reload_on_sighup(hangup, app.reloader.clone()));
+            app.run_until(shutdown_signal()).await
         }
         Command::Migrate { config } => {
             let config = load_config(&config)?;
@@ -242,6 +251,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+/// Reloads the configuration file on every SIGHUP (the reloader logs the outcome: what changed, or every error
+/// of an invalid file while the engine keeps its previous configuration).
+async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
+    reloader: mailqueue_engine::reload::Reloader,
+) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received; reloading the configuration");
+        // The outcome (changes or errors) is logged by the reloader.
+        let _ = reloader.reload().await;
     }
 }
 

@@ -92,9 +92,18 @@ impl Engine {
     pub async fn raw_message(&self, contact_id: i64, message_id: i64) -> Result<Vec<u8>> {
         match store::messages::raw(&self.db, contact_id, message_id).await? {
             Some(Some(raw)) => Ok(raw),
-            Some(None) => Err(Error::not_found(format!(
-                "message {message_id} of contact {contact_id} has no raw bytes yet (a reply is rendered when it is sent)"
-            ))),
+            Some(None) => {
+                match store::messages::raw_deleted_at(&self.db, contact_id, message_id).await? {
+                    Some(at) => Err(Error::Gone(format!(
+                        "the raw bytes of message {message_id} of contact {contact_id} were deleted by the retention job \
+                     on {} (retention.raw_messages); its text, headers and attachments are still available",
+                        at.format("%Y-%m-%d")
+                    ))),
+                    None => Err(Error::not_found(format!(
+                        "message {message_id} of contact {contact_id} has no raw bytes yet (a reply is rendered when it is sent)"
+                    ))),
+                }
+            }
             None => Err(Error::not_found(format!(
                 "contact {contact_id} has no message {message_id}"
             ))),

@@ -1,13 +1,13 @@
 //! Starting the engine: database, queues, background services and the HTTP API, and stopping them gracefully.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use mailqueue_config::{Config, DatabaseKind};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{api, engine::Engine, mailboxes, rescuer};
+use crate::{api, engine::Engine, mailboxes, reload::Reloader, rescuer};
 
 /// How long [`RunningApp::stop`] waits for open requests before cutting them off.
 const GRACE: Duration = Duration::from_secs(10);
@@ -17,6 +17,8 @@ pub struct RunningApp {
     /// Where the API listens (the real port when the configuration asked for port 0).
     pub addr: SocketAddr,
     pub engine: Engine,
+    /// Re-reads the configuration file; `mailqueue serve` calls it on SIGHUP.
+    pub reloader: Reloader,
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
     services: Vec<JoinHandle<()>>,
@@ -24,9 +26,21 @@ pub struct RunningApp {
     _sqlite_lock: Option<crate::sqlite_lock::SqliteLock>,
 }
 
+/// How the engine is started, beyond its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The file `config` was loaded from; configuration reload re-reads it (without one, reload is refused).
+    pub config_file: Option<PathBuf>,
+}
+
 /// Binds `config.api.listen`, starts the engine (connect, migrate, sync queues), the rescuer, the mailbox workers
 /// and the API.
 pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
+    spawn_with(config, Options::default()).await
+}
+
+/// Like [`spawn`], with [`Options`].
+pub async fn spawn_with(config: Config, options: Options) -> anyhow::Result<RunningApp> {
     let sqlite_lock = crate::sqlite_lock::acquire(&config.database.url)?;
     let listener = TcpListener::bind(&config.api.listen)
         .await
@@ -46,11 +60,17 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
     ];
     // The outbox worker: replies → the outgoing SMTP server (idle while none is configured; follows reloads).
     services.push(crate::outbox::worker::spawn(engine.clone(), stop.clone()));
-
+    // The retention job: deletes old closed contacts, raw mail and events (idle unless `retention` sets an age).
+    services.push(tokio::spawn(crate::retention::run(
+        engine.clone(),
+        stop.clone(),
+    )));
     // PostgreSQL: wake this instance's event readers when another instance appends events.
     services.extend(crate::events::spawn_listener(engine.clone(), stop.clone()));
 
-    let router = api::router(engine.clone(), &config, stop.clone());
+    let tokens = Arc::new(api::auth::Tokens::from_config(&config));
+    let reloader = Reloader::new(engine.clone(), options.config_file, tokens);
+    let router = api::router(engine.clone(), &config, reloader.clone(), stop.clone());
     let shutdown = stop.clone().cancelled_owned();
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -78,6 +98,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<RunningApp> {
     Ok(RunningApp {
         addr,
         engine,
+        reloader,
         stop,
         server: Some(server),
         services,
@@ -118,21 +139,30 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut app = spawn(config).await?;
-    let mut server = app.server.take().expect("server just spawned");
-    tokio::select! {
-        () = shutdown => {
-            tracing::info!("shutting down");
-            app.server = Some(server);
-            app.stop().await;
-            Ok(())
-        }
-        result = &mut server => {
-            app.stop().await;
-            match result {
-                Ok(Ok(())) => anyhow::bail!("the API server stopped unexpectedly"),
-                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the API server failed")),
-                Err(e) => Err(anyhow::Error::new(e).context("the API server task failed")),
+    spawn(config).await?.run_until(shutdown).await
+}
+
+impl RunningApp {
+    /// Runs until `shutdown` resolves, then stops cleanly (see [`serve`]).
+    pub async fn run_until(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let mut server = self.server.take().expect("the server runs until stopped");
+        tokio::select! {
+            () = shutdown => {
+                tracing::info!("shutting down");
+                self.server = Some(server);
+                self.stop().await;
+                Ok(())
+            }
+            result = &mut server => {
+                self.stop().await;
+                match result {
+                    Ok(Ok(())) => anyhow::bail!("the API server stopped unexpectedly"),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the API server failed")),
+                    Err(e) => Err(anyhow::Error::new(e).context("the API server task failed")),
+                }
             }
         }
     }

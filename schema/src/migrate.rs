@@ -49,6 +49,18 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("sql/0003_instances_and_mailbox_leases.postgres.sql"),
         sqlite: include_str!("sql/0003_instances_and_mailbox_leases.sqlite.sql"),
     },
+    Migration {
+        version: 4,
+        name: "retention",
+        postgres: include_str!("sql/0004_retention.postgres.sql"),
+        sqlite: include_str!("sql/0004_retention.sqlite.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "metrics_indexes",
+        postgres: include_str!("sql/0005_metrics_indexes.postgres.sql"),
+        sqlite: include_str!("sql/0005_metrics_indexes.sqlite.sql"),
+    },
 ];
 
 /// Opens a connection pool. SQLite files are created when missing, run in WAL mode and wait for locks instead of

@@ -598,6 +598,31 @@ pub async fn spawn_app_with(db: TestDb, yaml: &str) -> TestApp {
     }
 }
 
+/// Starts the engine and its API from a configuration file, as `mailqueue serve --config FILE` does: a reload
+/// (`POST /v1/admin/reload`) re-reads that file.
+pub async fn spawn_app_from_file(db: TestDb, file: &Path) -> TestApp {
+    let config = mailqueue_config::load(file)
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"))
+        .config;
+    let options = mailqueue_engine::startup::Options {
+        config_file: Some(file.to_owned()),
+    };
+    let running = mailqueue_engine::startup::spawn_with(config, options)
+        .await
+        .expect("app starts");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("HTTP client");
+    TestApp {
+        addr: running.addr,
+        engine: running.engine.clone(),
+        client,
+        db,
+        running: Some(running),
+    }
+}
+
 /// Calls `check` every 50 ms until it returns `Some`, and returns that; panics with `what` after `limit`.
 pub async fn eventually<T>(
     what: &str,

@@ -796,6 +796,7 @@ async fn openapi_and_docs(kind: Kind) {
         ("/v1/contacts/{id}/replies", "post"),
         ("/v1/events", "get"),
         ("/v1/events/stream", "get"),
+        ("/v1/admin/reload", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
     ];

@@ -38,6 +38,7 @@ fn routes() -> Vec<(Method, &'static str, Option<Value>)> {
         ),
         (Method::GET, "/v1/events", None),
         (Method::GET, "/v1/events/stream", None),
+        (Method::POST, "/v1/admin/reload", None),
     ]
 }
 

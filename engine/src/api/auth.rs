@@ -1,8 +1,8 @@
 //! Bearer-token authentication and the role and queue rules.
 //!
-//! The configured secrets are hashed (SHA-256) once when the router is built; a request's token is hashed and
-//! looked up in that map, so no comparison ever runs over a secret itself and the lookup time does not depend on
-//! how much of a secret matches. Only token *names* reach logs, events and responses.
+//! The configured secrets are hashed (SHA-256) when the router is built and again on each reload; a request's token
+//! is hashed and looked up in that map, so no comparison ever runs over a secret itself and the lookup time does not
+//! depend on how much of a secret matches. Only token *names* reach logs, events and responses.
 //!
 //! Roles:
 //! * `agent`: sees and works only contacts of its `queues` whose language is one of its `languages` (empty = any);
@@ -103,16 +103,23 @@ pub fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// The configured tokens, by the SHA-256 of their secret, and agent tokens by name.
+/// The configured tokens. Reload swaps the whole table at once ([`Tokens::replace`]): a request sees either the old
+/// tokens or the new ones, never a mix.
 #[derive(Debug, Default)]
 pub struct Tokens {
+    table: std::sync::RwLock<Arc<TokenTable>>,
+}
+
+/// Tokens by the SHA-256 of their secret, and agent tokens by name.
+#[derive(Debug, Default)]
+struct TokenTable {
     by_hash: HashMap<[u8; 32], Arc<Principal>>,
     agents: HashMap<String, Arc<Principal>>,
 }
 
-impl Tokens {
-    pub fn from_config(config: &Config) -> Self {
-        let mut tokens = Self::default();
+impl TokenTable {
+    fn from_config(config: &Config) -> Self {
+        let mut table = Self::default();
         for t in &config.api.tokens {
             let principal = Arc::new(Principal {
                 name: t.name.clone(),
@@ -121,7 +128,7 @@ impl Tokens {
                 languages: t.languages.iter().map(|l| l.as_str().to_owned()).collect(),
             });
             if t.role == Role::Agent {
-                tokens.agents.insert(t.name.clone(), principal.clone());
+                table.agents.insert(t.name.clone(), principal.clone());
             }
             let secret = t.secret.expose();
             // An unresolved or empty secret must never let an empty bearer token in.
@@ -129,9 +136,33 @@ impl Tokens {
                 tracing::warn!(token = %t.name, "API token has no secret value; it is disabled");
                 continue;
             }
-            tokens.by_hash.insert(digest(secret), principal);
+            table.by_hash.insert(digest(secret), principal);
         }
-        tokens
+        table
+    }
+}
+
+impl Tokens {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            table: std::sync::RwLock::new(Arc::new(TokenTable::from_config(config))),
+        }
+    }
+
+    /// Replaces every token with those of `config` (configuration reload).
+    pub fn replace(&self, config: &Config) {
+        let table = Arc::new(TokenTable::from_config(config));
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table;
+    }
+
+    fn current(&self) -> Arc<TokenTable> {
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The token whose secret is `secret`.
@@ -139,20 +170,21 @@ impl Tokens {
         if secret.is_empty() {
             return None;
         }
-        self.by_hash.get(&digest(secret)).cloned()
+        self.current().by_hash.get(&digest(secret)).cloned()
     }
 
     /// The agent token named `name`.
-    pub fn agent(&self, name: &str) -> Option<&Principal> {
-        self.agents.get(name).map(|p| &**p)
+    pub fn agent(&self, name: &str) -> Option<Arc<Principal>> {
+        self.current().agents.get(name).cloned()
     }
 
+    /// How many tokens can authenticate (those with a secret value).
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.current().by_hash.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.len() == 0
     }
 }
 

@@ -169,6 +169,7 @@ pub async fn detail(
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 403, description = "Not in the caller's queues or languages", body = ErrorBody),
         (status = 404, description = "No such contact or message", body = ErrorBody),
+        (status = 410, description = "The raw bytes were deleted by the retention job (`retention.raw_messages`); the parsed message stays", body = ErrorBody),
     )
 )]
 pub async fn raw_message(

@@ -16,7 +16,7 @@ use crate::error::Error;
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable code: `bad_request`, `unauthorized`, `forbidden`, `not_found`, `method_not_allowed`,
-    /// `conflict`, `too_large`, `unsupported_media_type`, `invalid`, `unavailable` or `internal`.
+    /// `conflict`, `gone`, `too_large`, `unsupported_media_type`, `invalid`, `unavailable` or `internal`.
     #[schema(example = "conflict")]
     pub error: String,
     /// What went wrong, for humans.
@@ -73,6 +73,7 @@ impl ApiError {
             StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::CONFLICT => "conflict",
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::GONE => "gone",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::UNPROCESSABLE_ENTITY => "invalid",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
@@ -114,6 +115,7 @@ impl From<Error> for ApiError {
             Error::Forbidden(m) => Self::forbidden(m),
             Error::Invalid(m) => Self::invalid(m),
             Error::TooLarge(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", m),
+            Error::Gone(m) => Self::new(StatusCode::GONE, "gone", m),
             Error::Db(e) => {
                 tracing::error!(error = %e, "database error");
                 Self::internal()

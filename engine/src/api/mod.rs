@@ -15,8 +15,10 @@
 //! | `POST /v1/contacts/{id}/replies` | store a reply for sending (201) |
 //! | `GET /v1/events` | long poll of the event log |
 //! | `GET /v1/events/stream` | the event log as Server-Sent Events |
+//! | `POST /v1/admin/reload` | re-read the configuration file, like SIGHUP (admin) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (no token) |
 
+pub mod admin;
 pub mod auth;
 pub mod contacts;
 pub mod error;
@@ -47,17 +49,26 @@ use crate::engine::Engine;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    /// Swapped by configuration reload (`reloader`).
     pub tokens: Arc<auth::Tokens>,
+    /// Re-reads the configuration file (`POST /v1/admin/reload`, like SIGHUP).
+    pub reloader: crate::reload::Reloader,
     /// Cancelled when the server shuts down: ends event streams and long polls so graceful shutdown completes.
     pub shutdown: CancellationToken,
 }
 
-/// The API router over `engine`, authenticating against `config.api.tokens`; `shutdown` ends open event streams
-/// and long polls.
-pub fn router(engine: Engine, config: &Config, shutdown: CancellationToken) -> Router {
+/// The API router over `engine`, authenticating against the tokens of `reloader` (those of `config.api.tokens`
+/// until a reload); `shutdown` ends open event streams and long polls.
+pub fn router(
+    engine: Engine,
+    config: &Config,
+    reloader: crate::reload::Reloader,
+    shutdown: CancellationToken,
+) -> Router {
     let state = AppState {
         engine,
-        tokens: Arc::new(auth::Tokens::from_config(config)),
+        tokens: reloader.tokens(),
+        reloader,
         shutdown,
     };
     let reply_limit = reply_body_limit(config.defaults.max_email_size_mb);
@@ -87,6 +98,7 @@ pub fn router(engine: Engine, config: &Config, shutdown: CancellationToken) -> R
         )
         .route("/v1/events", get(events::poll))
         .route("/v1/events/stream", get(events::stream))
+        .route("/v1/admin/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -5,7 +5,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{contacts, error, events, health, mailboxes, queues};
+use super::{admin, contacts, error, events, health, mailboxes, queues};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,7 @@ use super::{contacts, error, events, health, mailboxes, queues};
         contacts::reply,
         events::poll,
         events::stream,
+        admin::reload,
         health::healthz,
         health::readyz,
     ),
@@ -54,6 +55,12 @@ use super::{contacts, error, events, health, mailboxes, queues};
         crate::mailboxes::MailboxStatus,
         crate::mailboxes::MailboxState,
         crate::mailboxes::MailboxError,
+        crate::reload::ReloadReport,
+        crate::reload::Changes,
+        crate::reload::TokenChanges,
+        crate::reload::NeedsRestart,
+        crate::reload::ConfigProblem,
+        admin::ReloadRefused,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -62,6 +69,7 @@ use super::{contacts, error, events, health, mailboxes, queues};
         (name = "contacts", description = "Claiming and working contacts"),
         (name = "events", description = "The event log"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "admin", description = "Operations: configuration reload"),
     )
 )]
 pub struct ApiDoc;

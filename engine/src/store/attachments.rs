@@ -139,3 +139,16 @@ pub async fn get_for_contact(
         .one(db)
         .await
 }
+
+/// Deletes the attachments of every message of the contacts `ids` (retention). Returns how many were deleted.
+pub async fn delete_for_contacts(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbErr> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids = super::padded(ids.iter().map(|&id| Value::from(id)), Value::BigInt(None));
+    let sql = format!(
+        "DELETE FROM attachments WHERE message_id IN (SELECT id FROM messages WHERE contact_id IN ({}))",
+        placeholders(1, ids.len())
+    );
+    Ok(db.execute_raw(stmt(db, &sql, ids)).await?.rows_affected())
+}

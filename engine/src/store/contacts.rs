@@ -383,3 +383,48 @@ async fn one<const N: usize>(
 fn expiry(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::minutes(5))
 }
+
+/// A closed contact the retention job deletes.
+#[derive(Debug, Clone, sea_orm::FromQueryResult)]
+pub struct ClosedContact {
+    pub id: i64,
+    pub queue_id: i64,
+}
+
+/// Locks up to `limit` contacts closed before `before`, oldest closed first, that have no reply waiting to be sent
+/// (a pending or sending reply would be lost). PostgreSQL: `FOR UPDATE SKIP LOCKED`, so instances running retention
+/// at once take different contacts and never wait on each other, and a concurrent re-open (which locks the contact)
+/// either finishes first (the contact is no longer closed) or waits until the contact is gone.
+pub async fn lock_closed_before(
+    db: &impl ConnectionTrait,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<ClosedContact>, DbErr> {
+    use sea_orm::FromQueryResult;
+    let lock = match Backend::of(db) {
+        Backend::Postgres => " FOR UPDATE OF c SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let sql = format!(
+        "SELECT c.id, c.queue_id FROM contacts c WHERE c.state = 'closed' AND c.closed_at < $1 \
+         AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.contact_id = c.id AND o.state IN ('pending', 'sending')) \
+         ORDER BY c.closed_at, c.id LIMIT $2{lock}"
+    );
+    ClosedContact::find_by_statement(stmt(db, &sql, [before.into(), i64::from(limit).into()]))
+        .all(db)
+        .await
+}
+
+/// Deletes the contacts `ids` that are still closed (their messages, attachments and outbox rows must be deleted
+/// first). Returns how many were deleted.
+pub async fn delete_closed(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbErr> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids = super::padded(ids.iter().map(|&id| Value::from(id)), Value::BigInt(None));
+    let sql = format!(
+        "DELETE FROM contacts WHERE state = 'closed' AND id IN ({})",
+        placeholders(1, ids.len())
+    );
+    Ok(db.execute_raw(stmt(db, &sql, ids)).await?.rows_affected())
+}

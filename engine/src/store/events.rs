@@ -147,3 +147,37 @@ pub async fn latest_kind_of(
         .await?;
     row.map(|r| r.try_get::<String>("", "kind")).transpose()
 }
+
+/// Deletes up to `limit` sequenced events created before `before`, oldest first, in one statement. Unsequenced
+/// events (the sequencer has yet to number them) and the event with the highest sequence number (the sequencer
+/// continues from it) are always kept. Returns how many were deleted.
+pub async fn delete_before(
+    db: &impl ConnectionTrait,
+    before: chrono::DateTime<Utc>,
+    limit: u32,
+) -> Result<u64, DbErr> {
+    let r = db
+        .execute_raw(stmt(
+            db,
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < $1 AND seq IS NOT NULL \
+             AND seq < (SELECT MAX(seq) FROM events) ORDER BY created_at LIMIT $2)",
+            [before.into(), i64::from(limit).into()],
+        ))
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// The kind of the newest `outgoing.unhealthy` or `outgoing.healthy` event (the outgoing server's last health
+/// report from any instance), if any. The kinds are literals so the query uses `events_outgoing_health_idx`
+/// (placeholders would defeat the partial index in a generic plan and scan the whole log backwards).
+pub async fn latest_outgoing_health(db: &impl ConnectionTrait) -> Result<Option<String>, DbErr> {
+    let row = db
+        .query_one_raw(stmt(
+            db,
+            "SELECT kind FROM events WHERE kind IN ('outgoing.unhealthy', 'outgoing.healthy') \
+             ORDER BY id DESC LIMIT 1",
+            [],
+        ))
+        .await?;
+    row.map(|r| r.try_get::<String>("", "kind")).transpose()
+}

@@ -355,3 +355,67 @@ pub async fn inbound_message_ids_from(
     }
     Ok(found)
 }
+
+/// Deletes every message of the contacts `ids` (retention; their attachments and outbox rows go first). Returns
+/// how many were deleted.
+pub async fn delete_for_contacts(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbErr> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids = padded(ids.iter().map(|&id| Value::from(id)), Value::BigInt(None));
+    let sql = format!(
+        "DELETE FROM messages WHERE contact_id IN ({})",
+        placeholders(1, ids.len())
+    );
+    Ok(db.execute_raw(stmt(db, &sql, ids)).await?.rows_affected())
+}
+
+/// Drops the raw bytes of up to `limit` messages of contacts closed before `before` (and not before `since`, when
+/// given: the part a previous pass already covered), keeping the parsed fields and recording `raw_deleted_at`.
+/// Messages whose reply is still pending or being sent keep theirs. Returns how many messages lost their raw bytes.
+pub async fn drop_raw_of_closed(
+    db: &impl ConnectionTrait,
+    before: DateTime<Utc>,
+    since: Option<DateTime<Utc>>,
+    limit: u32,
+) -> Result<u64, DbErr> {
+    let (since_sql, mut values): (&str, Vec<Value>) = match since {
+        Some(since) => (" AND c.closed_at >= $4", vec![since.into()]),
+        None => ("", Vec::new()),
+    };
+    values.splice(
+        0..0,
+        [Utc::now().into(), before.into(), i64::from(limit).into()],
+    );
+    let sql = format!(
+        "UPDATE messages SET raw = NULL, raw_deleted_at = $1 WHERE id IN (\
+         SELECT m.id FROM contacts c JOIN messages m ON m.contact_id = c.id \
+         WHERE c.state = 'closed' AND c.closed_at < $2{since_sql} AND m.raw IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id AND o.state IN ('pending', 'sending')) \
+         LIMIT $3)"
+    );
+    Ok(db
+        .execute_raw(stmt(db, &sql, values))
+        .await?
+        .rows_affected())
+}
+
+/// When retention dropped the raw bytes of message `id` of contact `contact_id` (`None`: they were not dropped,
+/// or there is no such message).
+pub async fn raw_deleted_at(
+    db: &impl ConnectionTrait,
+    contact_id: i64,
+    id: i64,
+) -> Result<Option<DateTime<Utc>>, DbErr> {
+    let row = db
+        .query_one_raw(stmt(
+            db,
+            "SELECT raw_deleted_at FROM messages WHERE id = $1 AND contact_id = $2",
+            [id.into(), contact_id.into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<Option<DateTime<Utc>>>("", "raw_deleted_at"))
+        .transpose()?
+        .flatten())
+}

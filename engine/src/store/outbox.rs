@@ -192,3 +192,40 @@ pub async fn store_raw(
     .await?;
     Ok(())
 }
+
+/// Deletes the outbox rows of the replies of the contacts `ids` (retention), found through their messages (the
+/// unique index on `message_id`). Returns how many were deleted.
+pub async fn delete_for_contacts(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbErr> {
+    use sea_orm::Value;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids = super::padded(ids.iter().map(|&id| Value::from(id)), Value::BigInt(None));
+    let sql = format!(
+        "DELETE FROM outbox WHERE message_id IN (SELECT id FROM messages WHERE contact_id IN ({}))",
+        super::placeholders(1, ids.len())
+    );
+    Ok(db.execute_raw(stmt(db, &sql, ids)).await?.rows_affected())
+}
+
+/// Replies not yet sent or failed, by state: `(pending, sending)`, for `/metrics`. Each count reads only its
+/// partial index (`outbox_due_idx`, `outbox_sending_idx`), so it costs the depth, not the history of replies.
+pub async fn depth(db: &impl ConnectionTrait) -> Result<(i64, i64), DbErr> {
+    let rows = db
+        .query_all_raw(stmt(
+            db,
+            "SELECT 'pending' AS state, COUNT(*) AS n FROM outbox WHERE state = 'pending' \
+             UNION ALL SELECT 'sending' AS state, COUNT(*) AS n FROM outbox WHERE state = 'sending'",
+            [],
+        ))
+        .await?;
+    let mut depth = (0, 0);
+    for row in rows {
+        let n: i64 = row.try_get("", "n")?;
+        match row.try_get::<String>("", "state")?.as_str() {
+            "pending" => depth.0 = n,
+            _ => depth.1 = n,
+        }
+    }
+    Ok(depth)
+}

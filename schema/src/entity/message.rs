@@ -33,6 +33,8 @@ pub struct Model {
     /// Who wrote an outbound message (API token name).
     pub created_by: Option<String>,
     pub created_at: DateTimeUtc,
+    /// When the retention job dropped `raw` (the parsed fields stay); `None` while it is kept.
+    pub raw_deleted_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
