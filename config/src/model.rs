@@ -86,6 +86,11 @@ pub struct Api {
     /// Bearer tokens accepted by the API.
     #[serde(default)]
     pub tokens: Vec<ApiToken>,
+    /// Who may read `GET /metrics` (Prometheus): `token` (a router or admin bearer token; Prometheus sends it with
+    /// `authorization: { credentials_file: … }`) or `public` (no token, like `/healthz`). Default `token`: the
+    /// figures name queues, mailbox addresses and the outgoing server's contact.
+    #[serde(default)]
+    pub metrics: MetricsAccess,
 }
 
 fn default_listen() -> String {
@@ -97,8 +102,20 @@ impl Default for Api {
         Self {
             listen: default_listen(),
             tokens: Vec::new(),
+            metrics: MetricsAccess::default(),
         }
     }
+}
+
+/// Who may read `GET /metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAccess {
+    /// A bearer token with role `router` or `admin`.
+    #[default]
+    Token,
+    /// Anyone who reaches the listen address.
+    Public,
 }
 
 /// A bearer token accepted by the API, and what its holder may do.

@@ -111,11 +111,14 @@ impl Engine {
         };
         let Some(m) = store::contacts::claim_next(&txn, &filter, agent, lease).await? else {
             txn.rollback().await?;
+            self.metrics().claim_found_nothing();
             return Ok(None);
         };
-        self.finish(txn, m, "contact.claimed", agent, json!({ "agent": agent }))
-            .await
-            .map(Some)
+        let contact = self
+            .finish(txn, m, "contact.claimed", agent, json!({ "agent": agent }))
+            .await?;
+        self.metrics().claimed(&contact.queue, false);
+        Ok(Some(contact))
     }
 
     /// Gives a waiting contact to `agent` (routing backend).
@@ -124,14 +127,17 @@ impl Engine {
         let txn = store::begin_write(&self.db).await?;
         match store::contacts::assign(&txn, id, agent, lease).await? {
             Some(m) => {
-                self.finish(
-                    txn,
-                    m,
-                    "contact.assigned",
-                    router,
-                    json!({ "agent": agent }),
-                )
-                .await
+                let contact = self
+                    .finish(
+                        txn,
+                        m,
+                        "contact.assigned",
+                        router,
+                        json!({ "agent": agent }),
+                    )
+                    .await?;
+                self.metrics().claimed(&contact.queue, true);
+                Ok(contact)
             }
             None => Err(self.explain(txn, id, "is not waiting in a queue").await),
         }

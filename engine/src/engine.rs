@@ -23,6 +23,7 @@ pub struct Engine {
     /// worker, API tokens) watch it.
     config_version: Arc<tokio::sync::watch::Sender<u64>>,
     mailboxes: crate::mailboxes::StatusBoard,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Queues by name and id, as synced from the configuration.
@@ -67,6 +68,7 @@ impl Engine {
             reply_stored: Arc::default(),
             config_version: Arc::new(tokio::sync::watch::Sender::new(0)),
             mailboxes: crate::mailboxes::StatusBoard::default(),
+            metrics: crate::metrics::Metrics::default(),
         };
         engine.sync_queues().await?;
         Ok(engine)
@@ -156,5 +158,10 @@ impl Engine {
     /// The status of every fetched mailbox (filled by the mailbox workers, read by `GET /v1/mailboxes`).
     pub fn mailboxes(&self) -> &crate::mailboxes::StatusBoard {
         &self.mailboxes
+    }
+
+    /// This instance's process figures for `GET /metrics` (claims, replies, HTTP requests).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 }

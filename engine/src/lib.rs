@@ -15,6 +15,7 @@ pub mod import;
 pub mod ingest;
 pub mod mailboxes;
 pub mod messages;
+pub mod metrics;
 pub mod outbox;
 pub mod queues;
 pub mod reload;

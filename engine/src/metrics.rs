@@ -8,6 +8,26 @@
 //!
 //! Labels name queues, languages, mailbox addresses, routes (the matched pattern, never a URL with ids) and the
 //! outgoing server's `contact_information`: never a secret, a token name, a customer address or a mail's content.
+//!
+//! | metric | type | labels | from |
+//! |---|---|---|---|
+//! | `mailqueue_queue_waiting` | gauge | queue, language | database |
+//! | `mailqueue_queue_claimed` | gauge | queue, language | database |
+//! | `mailqueue_queue_oldest_waiting_age_seconds` | gauge | queue, language | database |
+//! | `mailqueue_outbox_depth` | gauge | state (`pending`, `sending`) | database |
+//! | `mailqueue_outgoing_unhealthy` | gauge (0/1) | host, contact_information | database (latest health event) |
+//! | `mailqueue_database_up` | gauge (0/1) | | this scrape |
+//! | `mailqueue_claims_total` | counter | queue, via (`claim`, `assign`) | process |
+//! | `mailqueue_claims_empty_total` | counter | | process |
+//! | `mailqueue_replies_total` | counter | outcome (`sent`, `retried`, `failed`) | process (outbox worker) |
+//! | `mailqueue_http_request_duration_seconds` | histogram | method, route, status (`2xx`…) | process |
+//! | `mailqueue_mailbox_fetched_total`, `…_quarantined_total` | counter | mailbox, queue | process (status board) |
+//! | `mailqueue_mailbox_errors_total` | counter | mailbox, queue, class | process (status board) |
+//! | `mailqueue_mailbox_state` | gauge (1) | mailbox, queue, state | process (status board) |
+//! | `mailqueue_mailbox_last_success_timestamp_seconds` | gauge | mailbox, queue | process (status board) |
+//! | `mailqueue_mailbox_lag_seconds` | gauge | mailbox, queue | process (status board) |
+//! | `mailqueue_mailbox_token_expiry_timestamp_seconds` | gauge | mailbox, queue | process (status board) |
+//! | `mailqueue_build_info` | info | version | process |
 
 use chrono::{DateTime, Utc};
 use prometheus_client::{
@@ -194,10 +214,7 @@ impl Metrics {
 
 fn known_method(method: &str) -> &'static str {
     const KNOWN: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
-    KNOWN
-        .into_iter()
-        .find(|m| *m == method)
-        .unwrap_or("other")
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("other")
 }
 
 fn status_class(status: u16) -> &'static str {

@@ -134,8 +134,12 @@ pub async fn stats(
     let now = Utc::now();
     let rows = StatsRow::find_by_statement(store::stmt(
         db,
-        "SELECT queue_id, language, state, COUNT(*) AS n, MIN(queued_at) AS oldest FROM contacts \
-         WHERE state IN ('queued', 'claimed') GROUP BY queue_id, language, state",
+        // One branch per state, each matching a partial index (`contacts_queue_claim_idx`, `contacts_lease_idx`),
+        // so the cost follows the open contacts, not the history (`state IN (…)` scans the whole table).
+        "SELECT queue_id, language, 'queued' AS state, COUNT(*) AS n, MIN(queued_at) AS oldest FROM contacts \
+         WHERE state = 'queued' GROUP BY queue_id, language \
+         UNION ALL SELECT queue_id, language, 'claimed' AS state, COUNT(*) AS n, MIN(queued_at) AS oldest \
+         FROM contacts WHERE state = 'claimed' GROUP BY queue_id, language",
         [],
     ))
     .all(db)

@@ -17,6 +17,7 @@
 //! | `GET /v1/events/stream` | the event log as Server-Sent Events |
 //! | `POST /v1/admin/reload` | re-read the configuration file, like SIGHUP (admin) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (no token) |
+//! | `GET /metrics` | Prometheus figures, OpenMetrics text (router or admin token; none with `api.metrics: public`) |
 
 pub mod admin;
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod mailboxes;
+pub mod metrics;
 pub mod openapi;
 pub mod queues;
 
@@ -104,14 +106,27 @@ pub fn router(
             auth::require_token,
         ));
 
+    let http_metrics = state.engine.metrics().clone();
+    let scrape = Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::access,
+        ));
+
     Router::new()
         .merge(v1)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .merge(scrape)
         .with_state(state)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            http_metrics,
+            metrics::observe,
+        ))
         .layer(middleware::from_fn(trace_request))
 }
 

@@ -5,7 +5,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{admin, contacts, error, events, health, mailboxes, queues};
+use super::{admin, contacts, error, events, health, mailboxes, metrics, queues};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,7 @@ use super::{admin, contacts, error, events, health, mailboxes, queues};
         admin::reload,
         health::healthz,
         health::readyz,
+        metrics::metrics,
     ),
     components(schemas(
         crate::contacts::Contact,
@@ -68,7 +69,7 @@ use super::{admin, contacts, error, events, health, mailboxes, queues};
         (name = "mailboxes", description = "The mailboxes mail is fetched from"),
         (name = "contacts", description = "Claiming and working contacts"),
         (name = "events", description = "The event log"),
-        (name = "health", description = "Liveness and readiness"),
+        (name = "health", description = "Liveness, readiness and metrics"),
         (name = "admin", description = "Operations: configuration reload"),
     )
 )]

@@ -8,7 +8,10 @@
 //! recovery (info), the stop (info). Nothing here ever holds a secret or a token: errors are built from
 //! explanations and error texts that never contain them.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
 use chrono::{DateTime, Utc};
 use mailqueue_connectors::{explain::Explanation, imap::ImapError, oauth::OAuthError};
@@ -214,6 +217,8 @@ pub struct MailboxStatus {
     pub connects: u64,
     /// Failed attempts since the start.
     pub failures: u64,
+    /// Failed attempts since the start by error class (`token`, `auth`, `connect`, …; see [`MailboxError`]).
+    pub failures_by_class: BTreeMap<String, u64>,
     /// The folder's UIDVALIDITY and the last UID stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uidvalidity: Option<u32>,
@@ -223,6 +228,10 @@ pub struct MailboxStatus {
     pub error: Option<MailboxError>,
     /// When the access token of the current session expires.
     pub token_expires_at: Option<DateTime<Utc>>,
+    /// The last moment the folder was known to be fully stored (a fetch pass completed, or IDLE was left), for
+    /// [`MailboxStatus::lag`].
+    #[serde(skip)]
+    pub current_at: DateTime<Utc>,
     /// When the next attempt is due (`backing_off`).
     pub next_retry_at: Option<DateTime<Utc>>,
 }
@@ -253,11 +262,30 @@ impl MailboxStatus {
             quarantined: 0,
             connects: 0,
             failures: 0,
+            failures_by_class: BTreeMap::new(),
             uidvalidity: None,
             last_uid: None,
             error: None,
             token_expires_at: None,
+            current_at: Utc::now(),
             next_retry_at: None,
+        }
+    }
+
+    /// How far behind the folder may be at `now`: zero while IDLE (the server pushes new mail at once), else the
+    /// time since the folder was last known to be fully stored. `None` when this instance does not fetch it.
+    pub fn lag(&self, now: DateTime<Utc>) -> Option<chrono::Duration> {
+        match self.state {
+            MailboxState::Idle => Some(chrono::Duration::zero()),
+            MailboxState::Standby | MailboxState::Stopped => None,
+            _ => Some((now - self.current_at).max(chrono::Duration::zero())),
+        }
+    }
+
+    /// Leaving IDLE for `next`: up to now the folder was current.
+    fn leave_idle(&mut self, next: MailboxState) {
+        if self.state == MailboxState::Idle && next != MailboxState::Idle {
+            self.current_at = Utc::now();
         }
     }
 }
@@ -351,6 +379,7 @@ impl StatusHandle {
     pub fn set_state(&self, state: MailboxState) {
         let changed = self.with(|s| {
             let changed = s.state != state;
+            s.leave_idle(state);
             if changed {
                 s.state = state;
                 s.state_since = Utc::now();
@@ -420,6 +449,7 @@ impl StatusHandle {
     pub fn fetch_completed(&self) {
         let recovered = self.with(|s| {
             s.last_fetch_at = Some(Utc::now());
+            s.current_at = Utc::now();
             s.error.take()
         });
         if let Some(e) = recovered {
@@ -444,6 +474,8 @@ impl StatusHandle {
                 error.attempts = previous.attempts.saturating_add(1);
             }
             s.failures += 1;
+            *s.failures_by_class.entry(error.class.clone()).or_default() += 1;
+            s.leave_idle(MailboxState::BackingOff);
             if s.state != MailboxState::BackingOff {
                 s.state = MailboxState::BackingOff;
                 s.state_since = Utc::now();
@@ -482,6 +514,7 @@ impl StatusHandle {
     pub fn leased(&self, owner: &str) {
         self.with(|s| {
             s.owner = Some(owner.to_owned());
+            s.current_at = Utc::now();
             s.state = MailboxState::Connecting;
             s.state_since = Utc::now();
         });
@@ -603,5 +636,34 @@ mod tests {
         assert_eq!(m.class, "no_such_folder");
         assert!(m.cause.contains("Orders") && m.fix.contains("folder"));
         assert!(!m.temporary);
+    }
+
+    #[test]
+    fn failures_count_by_class_and_lag_is_zero_while_idle() {
+        let board = StatusBoard::default();
+        let h = board.register(status("a@x.com", "support"));
+        let retry = Utc::now();
+        h.failed(MailboxError::internal("boom"), retry);
+        h.failed(MailboxError::internal("boom"), retry);
+        h.failed(MailboxError::config("no secret", "set it"), retry);
+        let s = h.get();
+        assert_eq!(s.failures_by_class.get("internal"), Some(&2));
+        assert_eq!(s.failures_by_class.get("config"), Some(&1));
+
+        let later = Utc::now() + chrono::Duration::seconds(60);
+        assert!(
+            s.lag(later).unwrap() >= chrono::Duration::seconds(60),
+            "never fetched yet"
+        );
+        h.set_state(MailboxState::Fetching);
+        h.fetch_completed();
+        h.set_state(MailboxState::Idle);
+        assert_eq!(h.get().lag(later), Some(chrono::Duration::zero()));
+        // Leaving IDLE (a session renewal) starts the lag from that moment, not from the last fetch.
+        h.set_state(MailboxState::Connecting);
+        let lag = h.get().lag(Utc::now()).unwrap();
+        assert!(lag < chrono::Duration::seconds(5), "lag {lag}");
+        h.standby(None);
+        assert_eq!(h.get().lag(later), None);
     }
 }

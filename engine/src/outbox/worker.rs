@@ -45,6 +45,7 @@ use crate::{
     engine::Engine,
     error::{Error, Result},
     mailboxes::{FAILPOINT_ENV, worker::failpoint_armed},
+    metrics::ReplyOutcome,
     store::{self, events::NewEvent},
 };
 
@@ -329,6 +330,9 @@ impl Worker {
             .await?;
         }
         txn.commit().await?;
+        for _ in &rows {
+            self.engine.metrics().reply(ReplyOutcome::Failed);
+        }
         if !rows.is_empty() {
             self.engine.events_appended();
         }
@@ -413,6 +417,9 @@ impl Worker {
             );
         }
         txn.commit().await?;
+        if ok {
+            self.engine.metrics().reply(ReplyOutcome::Sent);
+        }
         self.engine.events_appended();
         Ok(())
     }
@@ -462,6 +469,7 @@ impl Worker {
                 .await?;
             }
             txn.commit().await?;
+            self.engine.metrics().reply(ReplyOutcome::Retried);
             self.engine.events_appended();
             return Ok(());
         }
@@ -510,6 +518,7 @@ impl Worker {
             .await?;
         }
         txn.commit().await?;
+        self.engine.metrics().reply(ReplyOutcome::Failed);
         self.engine.events_appended();
         Ok(())
     }
