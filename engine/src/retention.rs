@@ -23,6 +23,10 @@ use crate::{
 /// How far back a raw-bytes pass re-scans what the previous pass covered: contacts whose close committed late.
 const RAW_OVERLAP: Duration = Duration::from_secs(3600);
 
+/// How often a raw-bytes pass scans every old closed contact again instead of only the recently closed ones: it
+/// catches replies that were still being sent when their contact was first scanned.
+const RAW_FULL_SCAN: Duration = Duration::from_secs(24 * 3600);
+
 /// What one pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pass {
@@ -43,9 +47,20 @@ impl Pass {
 /// State kept between passes of one instance.
 #[derive(Debug, Default)]
 pub struct Job {
-    /// Contacts closed before this had their raw bytes dropped by an earlier complete pass (with the same age);
-    /// the next pass looks only at contacts closed since (less [`RAW_OVERLAP`]). Unknown at start: a full scan.
-    raw_done_before: Option<(Duration, DateTime<Utc>)>,
+    /// Contacts closed before this had their raw bytes dropped by an earlier complete pass; the next pass looks
+    /// only at contacts closed since (less [`RAW_OVERLAP`]). Unknown at start: a full scan.
+    raw_done: Option<RawDone>,
+}
+
+/// How far a complete raw-bytes pass got.
+#[derive(Debug, Clone, Copy)]
+struct RawDone {
+    /// The `retention.raw_messages` it ran with; another age starts over.
+    age: Duration,
+    /// Contacts closed before this were covered.
+    before: DateTime<Utc>,
+    /// When the last full scan ran.
+    full_scan_at: DateTime<Utc>,
 }
 
 impl Job {
@@ -72,10 +87,10 @@ impl Job {
         }
         if let Some(age) = retention.raw_messages {
             let before = cutoff(now, age.0);
-            let since = self
-                .raw_done_before
-                .filter(|(done_age, _)| *done_age == age.0)
-                .map(|(_, done)| cutoff(done, RAW_OVERLAP));
+            let done = self
+                .raw_done
+                .filter(|d| d.age == age.0 && now < d.full_scan_at + RAW_FULL_SCAN);
+            let since = done.map(|d| cutoff(d.before, RAW_OVERLAP));
             let mut complete = false;
             while !stop.is_cancelled() {
                 let txn = store::begin_write(&engine.db).await?;
@@ -88,7 +103,11 @@ impl Job {
                 }
             }
             if complete {
-                self.raw_done_before = Some((age.0, before));
+                self.raw_done = Some(RawDone {
+                    age: age.0,
+                    before,
+                    full_scan_at: done.map_or(now, |d| d.full_scan_at),
+                });
             }
         }
         if let Some(age) = retention.events {
