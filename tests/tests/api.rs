@@ -799,6 +799,7 @@ async fn openapi_and_docs(kind: Kind) {
         ("/v1/admin/reload", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
+        ("/metrics", "get"),
     ];
     assert_eq!(
         paths.len(),
