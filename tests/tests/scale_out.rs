@@ -94,6 +94,10 @@ async fn lease_store(kind: Kind) {
     );
     assert_eq!(mailbox_leases::release_all(db, "C").await.unwrap(), 1);
     assert_eq!(mailbox_leases::all(db).await.unwrap().len(), 1);
+    assert!(acquire("E", 18).await);
+    assert_eq!(mailbox_leases::forget_others(db, "E").await.unwrap(), 1);
+    assert_eq!(mailbox_leases::all(db).await.unwrap()[0].owner, "E");
+    assert_eq!(mailbox_leases::release_all(db, "E").await.unwrap(), 1);
 
     // Many instances reaching for one free lease at once: exactly one gets it.
     let now = Utc::now();
@@ -141,7 +145,11 @@ async fn instance_store(kind: Kind) {
             .unwrap(),
         1
     );
-    instances::remove(db, "h:1:a").await.unwrap();
+    instances::heartbeat(db, "h:3:c", "h", 3, now, ttl)
+        .await
+        .unwrap();
+    assert_eq!(instances::forget_others(db, "h:3:c").await.unwrap(), 1);
+    instances::remove(db, "h:3:c").await.unwrap();
     assert!(instances::live(db, now).await.unwrap().is_empty());
 }
 

@@ -254,6 +254,9 @@ impl Supervisor {
     }
 
     async fn run(mut self) {
+        if self.engine.backend == crate::store::Backend::Sqlite {
+            self.forget_previous_runs().await;
+        }
         let mut changes = self.engine.config_changes();
         let mut next_tick = Instant::now();
         loop {
@@ -279,6 +282,26 @@ impl Supervisor {
             }
         }
         self.shutdown().await;
+    }
+
+    /// SQLite: one instance at a time (`serve` holds the database's lock file), so leases and instance rows of
+    /// other owners belong to a process that died; waiting for their expiry would only delay fetching.
+    async fn forget_previous_runs(&self) {
+        let db = &self.engine.db;
+        let forgotten = async {
+            let leases = mailbox_leases::forget_others(db, &self.me.id).await?;
+            instances::forget_others(db, &self.me.id).await?;
+            Ok::<_, sea_orm::DbErr>(leases)
+        };
+        match forgotten.await {
+            Ok(n) if n > 0 => {
+                tracing::info!(leases = n, "dropped the mailbox leases of a previous run")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot drop the mailbox leases of a previous run")
+            }
+        }
     }
 
     /// Takes a new plan: registers the status entries of new (or changed) mailboxes, drops those of removed ones,

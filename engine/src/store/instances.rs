@@ -74,3 +74,16 @@ pub async fn purge(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u
         .await?;
     Ok(done.rows_affected())
 }
+
+/// Removes the rows of every instance but `id`. Only for SQLite, where `serve`'s lock file proves that no other
+/// instance runs (a row left by a process that died would otherwise halve this one's share until it expired).
+pub async fn forget_others(db: &impl ConnectionTrait, id: &str) -> Result<u64, DbErr> {
+    let done = db
+        .execute_raw(stmt(
+            db,
+            "DELETE FROM instances WHERE id <> $1",
+            [id.into()],
+        ))
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -124,3 +124,16 @@ pub async fn all(db: &impl ConnectionTrait) -> Result<Vec<Lease>, DbErr> {
     .all(db)
     .await
 }
+
+/// Drops every lease not held by `owner`. Only for SQLite, where `serve`'s lock file proves that no other instance
+/// runs: the leases of an instance that died (e.g. `kill -9`) need not wait for their expiry.
+pub async fn forget_others(db: &impl ConnectionTrait, owner: &str) -> Result<u64, DbErr> {
+    let done = db
+        .execute_raw(stmt(
+            db,
+            "DELETE FROM mailbox_leases WHERE owner <> $1",
+            [owner.into()],
+        ))
+        .await?;
+    Ok(done.rows_affected())
+}
