@@ -286,8 +286,7 @@ impl Worker {
 
     /// Reads the outgoing server's last reported health, so that a recovery after a restart is reported too.
     async fn load_health(&self) {
-        let kinds = ["outgoing.unhealthy", "outgoing.healthy"];
-        match store::events::latest_kind_of(&self.engine.db, &kinds).await {
+        match store::events::latest_outgoing_health(&self.engine.db).await {
             Ok(kind) => self.health().unhealthy = kind.as_deref() == Some("outgoing.unhealthy"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the outgoing server's last health report")

@@ -131,23 +131,6 @@ pub async fn last_seq(db: &DatabaseConnection) -> Result<i64, DbErr> {
         .unwrap_or(0))
 }
 
-/// The kind of the newest event whose kind is one of `kinds` (e.g. the outgoing server's last health report), if
-/// any.
-pub async fn latest_kind_of(
-    db: &impl ConnectionTrait,
-    kinds: &[&str],
-) -> Result<Option<String>, DbErr> {
-    let list = super::placeholders(1, kinds.len());
-    let row = db
-        .query_one_raw(stmt(
-            db,
-            &format!("SELECT kind FROM events WHERE kind IN ({list}) ORDER BY id DESC LIMIT 1"),
-            kinds.iter().map(|k| (*k).into()),
-        ))
-        .await?;
-    row.map(|r| r.try_get::<String>("", "kind")).transpose()
-}
-
 /// Deletes up to `limit` sequenced events created before `before`, oldest first, in one statement. Unsequenced
 /// events (the sequencer has yet to number them) and the event with the highest sequence number (the sequencer
 /// continues from it) are always kept. Returns how many were deleted.
