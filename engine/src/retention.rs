@@ -73,57 +73,83 @@ impl Job {
         now: DateTime<Utc>,
         stop: &CancellationToken,
     ) -> Result<Pass> {
-        let mut pass = Pass::default();
         let batch = retention.batch_size.max(1);
+        let mut pass = Pass::default();
         if let Some(age) = retention.closed_contacts {
             let before = cutoff(now, age.0);
-            while !stop.is_cancelled() {
-                let n = delete_closed_contacts(engine, before, batch).await?;
-                pass.contacts += n;
-                if n < u64::from(batch) {
-                    break;
-                }
-            }
+            pass.contacts = in_batches(batch, stop, move || async move {
+                delete_closed_contacts(engine, before, batch).await
+            })
+            .await?;
         }
         if let Some(age) = retention.raw_messages {
-            let before = cutoff(now, age.0);
-            let done = self
-                .raw_done
-                .filter(|d| d.age == age.0 && now < d.full_scan_at + RAW_FULL_SCAN);
-            let since = done.map(|d| cutoff(d.before, RAW_OVERLAP));
-            let mut complete = false;
-            while !stop.is_cancelled() {
-                let txn = store::begin_write(&engine.db).await?;
-                let n = store::messages::drop_raw_of_closed(&txn, before, since, batch).await?;
-                txn.commit().await?;
-                pass.raw_messages += n;
-                if n < u64::from(batch) {
-                    complete = true;
-                    break;
-                }
-            }
-            if complete {
-                self.raw_done = Some(RawDone {
-                    age: age.0,
-                    before,
-                    full_scan_at: done.map_or(now, |d| d.full_scan_at),
-                });
-            }
+            pass.raw_messages = self.drop_raw(engine, age.0, now, batch, stop).await?;
         }
         if let Some(age) = retention.events {
             let before = cutoff(now, age.0);
-            while !stop.is_cancelled() {
+            pass.events = in_batches(batch, stop, move || async move {
                 let txn = store::begin_write(&engine.db).await?;
                 let n = store::events::delete_before(&txn, before, batch).await?;
                 txn.commit().await?;
-                pass.events += n;
-                if n < u64::from(batch) {
-                    break;
-                }
-            }
+                Ok(n)
+            })
+            .await?;
         }
         Ok(pass)
     }
+
+    /// Drops the raw bytes of the messages of contacts closed more than `age` ago: only of those closed since the
+    /// previous complete pass, except for a full scan once a day.
+    async fn drop_raw(
+        &mut self,
+        engine: &Engine,
+        age: Duration,
+        now: DateTime<Utc>,
+        batch: u32,
+        stop: &CancellationToken,
+    ) -> Result<u64> {
+        let before = cutoff(now, age);
+        let done = self
+            .raw_done
+            .filter(|d| d.age == age && now < d.full_scan_at + RAW_FULL_SCAN);
+        let since = done.map(|d| cutoff(d.before, RAW_OVERLAP));
+        let dropped = in_batches(batch, stop, move || async move {
+            let txn = store::begin_write(&engine.db).await?;
+            let n = store::messages::drop_raw_of_closed(&txn, before, since, batch).await?;
+            txn.commit().await?;
+            Ok(n)
+        })
+        .await?;
+        if !stop.is_cancelled() {
+            self.raw_done = Some(RawDone {
+                age,
+                before,
+                full_scan_at: done.map_or(now, |d| d.full_scan_at),
+            });
+        }
+        Ok(dropped)
+    }
+}
+
+/// Runs `batch_fn` (one transaction of at most `batch` rows, returning how many it handled) until a batch comes back
+/// short or `stop` is cancelled; returns the total.
+async fn in_batches<F>(
+    batch: u32,
+    stop: &CancellationToken,
+    mut batch_fn: impl FnMut() -> F,
+) -> Result<u64>
+where
+    F: std::future::Future<Output = Result<u64>>,
+{
+    let mut total = 0;
+    while !stop.is_cancelled() {
+        let n = batch_fn().await?;
+        total += n;
+        if n < u64::from(batch) {
+            break;
+        }
+    }
+    Ok(total)
 }
 
 /// `now - age`, or the beginning of time when the age reaches beyond it.

@@ -29,6 +29,7 @@ both_backends! {
     batches_cover_more_rows_than_one_batch => batches_cover_more_rows_than_one_batch;
     old_events_go_but_the_sequence_continues => old_events_go_but_the_sequence_continues;
     the_service_follows_reloads_and_stops => the_service_follows_reloads_and_stops;
+    raw_passes_follow_the_closing_time_and_rescan_daily => raw_passes_follow_the_closing_time_and_rescan_daily;
 }
 
 fn days_ago(days: i64) -> DateTime<Utc> {
@@ -375,6 +376,67 @@ async fn old_events_go_but_the_sequence_continues(kind: Kind) {
     assert_eq!(done.events, 2, "{done:?}");
     let left = event::Entity::find().count(&engine.db).await.unwrap();
     assert_eq!(left, (newest - last - 1) as u64);
+}
+
+/// The raw bytes of `contact`'s inbound message, if it still has them.
+async fn inbound_raw(engine: &Engine, contact: i64) -> Option<Vec<u8>> {
+    messages_of(engine, contact)
+        .await
+        .into_iter()
+        .find(|m| m.direction == "inbound")
+        .and_then(|m| m.raw)
+}
+
+async fn raw_passes_follow_the_closing_time_and_rescan_daily(kind: Kind) {
+    let (engine, _db) = mailqueue_tests::engine(kind).await;
+    let old = answered_and_closed(&engine, 1, true).await;
+    let nearly = answered_and_closed(&engine, 2, true).await;
+    closed_days_ago(&engine, old, 50).await;
+    // Closed 29½ days ago: old enough for `raw_messages: 30d` in 12 hours.
+    exec(
+        &engine,
+        "UPDATE contacts SET closed_at = $1 WHERE id = $2",
+        vec![
+            (Utc::now() - chrono::Duration::hours(29 * 24 + 12)).into(),
+            nearly.into(),
+        ],
+    )
+    .await;
+    let r = retention("{ raw_messages: 30d }");
+    let stop = CancellationToken::new();
+    let mut job = Job::default();
+    let now = Utc::now();
+
+    let done = job.pass(&engine, &r, now, &stop).await.unwrap();
+    assert_eq!(
+        done.raw_messages, 2,
+        "the mail and the reply of the old contact"
+    );
+    assert!(inbound_raw(&engine, old).await.is_none());
+    assert!(inbound_raw(&engine, nearly).await.is_some());
+
+    // Raw bytes that appear later on a contact the pass already covered (a reply sent after the pass) wait for
+    // the daily full scan; a contact that becomes old enough is covered by the next pass.
+    exec(
+        &engine,
+        "UPDATE messages SET raw = $1, raw_deleted_at = NULL WHERE contact_id = $2 AND direction = 'inbound'",
+        vec![b"late".to_vec().into(), old.into()],
+    )
+    .await;
+    let later = now + chrono::Duration::hours(13);
+    let done = job.pass(&engine, &r, later, &stop).await.unwrap();
+    assert_eq!(
+        done.raw_messages, 2,
+        "only the contact that became old: {done:?}"
+    );
+    assert!(inbound_raw(&engine, nearly).await.is_none());
+    assert!(inbound_raw(&engine, old).await.is_some());
+    let done = job
+        .pass(&engine, &r, now + chrono::Duration::hours(25), &stop)
+        .await
+        .unwrap();
+    assert_eq!(done.raw_messages, 1, "the daily full scan: {done:?}");
+    assert!(inbound_raw(&engine, old).await.is_none());
 }
 
 async fn the_service_follows_reloads_and_stops(kind: Kind) {
