@@ -35,7 +35,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::{Registry, Unit},
 };
-use std::sync::atomic::AtomicU64;
+use std::{sync::atomic::AtomicU64, time::Duration};
 
 use crate::{engine::Engine, mailboxes::MailboxStatus, queues::QueueStats, store};
 
@@ -47,6 +47,10 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const HTTP_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// How long a scrape waits for the database figures: well under Prometheus' default scrape timeout (10 s), so a
+/// database that hangs still leaves the process figures and `mailqueue_database_up 0` to scrape.
+const DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type GaugeF64 = Gauge<f64, AtomicU64>;
 
@@ -264,13 +268,16 @@ pub async fn render(engine: &Engine) -> String {
         "Whether the database answered this scrape's queries (1) or not (0)",
         up.clone(),
     );
-    match database_figures(engine).await {
-        Ok(figures) => {
+    match tokio::time::timeout(DATABASE_TIMEOUT, database_figures(engine)).await {
+        Ok(Ok(figures)) => {
             up.set(1.0);
             let config = engine.config().await;
             register_database(&mut registry, &figures, config.outgoing_server.as_ref());
         }
-        Err(e) => tracing::warn!(error = %e, "metrics: the database figures cannot be read"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "metrics: the database figures cannot be read"),
+        Err(_) => tracing::warn!(
+            "metrics: the database did not answer within {DATABASE_TIMEOUT:?}; its figures are left out"
+        ),
     }
 
     let mut out = String::new();

@@ -8,9 +8,10 @@ use std::{collections::BTreeMap, time::Duration};
 use mailqueue_engine::store::events::{NewEvent, insert};
 use mailqueue_sandbox::Sandbox;
 use mailqueue_tests::{
-    Kind, SandboxConfig, TestApp, TestDb, both_backends, eventually, mail, seed_contact, spawn_app,
-    spawn_app_with,
+    Kind, SandboxConfig, TestApp, TestDb, both_backends, eventually, mail, pg_admin_url,
+    seed_contact, spawn_app, spawn_app_with,
 };
+use sea_orm::ConnectionTrait;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -448,6 +449,58 @@ async fn queue_figures(kind: Kind) {
 
 both_backends! {
     queue_figures_claims_outbox_depth_and_http_latency => queue_figures;
+}
+
+// ---- A database outage: reported, not fatal ----
+
+/// Refuses (`false`) or allows new connections to the test database, and ends the open ones when refusing.
+async fn database_accepts_connections(db: &TestDb, allow: bool) {
+    let name = db.url.rsplit('/').next().unwrap();
+    let admin = sea_orm::Database::connect(pg_admin_url()).await.unwrap();
+    admin
+        .execute_unprepared(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}"))
+        .await
+        .unwrap();
+    if !allow {
+        admin
+            .execute_unprepared(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_leaves_the_process_figures_and_database_up_0() {
+    let app = spawn_app(Kind::Postgres).await;
+    seed_contact(&app.engine, "support", "en", 5, 10).await;
+    assert_eq!(
+        scrape(&app, "router-token")
+            .await
+            .get("mailqueue_database_up", &[]),
+        1.0
+    );
+
+    database_accepts_connections(&app.db, false).await;
+    let m = scrape(&app, "router-token").await;
+    assert_eq!(m.get("mailqueue_database_up", &[]), 0.0);
+    assert!(!m.families.contains_key("mailqueue_queue_waiting"));
+    let scrapes = [("method", "GET"), ("route", "/metrics"), ("status", "2xx")];
+    assert_eq!(
+        m.get("mailqueue_http_request_duration_seconds_count", &scrapes),
+        1.0
+    );
+
+    database_accepts_connections(&app.db, true).await;
+    let m = eventually("the database figures back", WAIT, async || {
+        let m = scrape(&app, "router-token").await;
+        (m.value("mailqueue_database_up", &[]) == Some(1.0)).then_some(m)
+    })
+    .await;
+    let support = [("queue", "support"), ("language", "en")];
+    assert_eq!(m.get("mailqueue_queue_waiting", &support), 1.0);
+    app.stop().await;
 }
 
 // ---- Mailboxes and the outgoing server's health, against the sandbox ----
