@@ -41,11 +41,26 @@ pub(crate) fn validate(config: &Config, root: &Node, poisoned: &HashSet<usize>, 
         defaults.pos_of("max_email_size_mb"),
         f,
     );
+    mailbox_lease(config, defaults, f);
     incoming_servers(config, root, poisoned, f);
     outgoing_server(config, root, f);
     queues(config, root, poisoned, f);
     ingest(config, root, poisoned, f);
     retention(config, root, f);
+}
+
+/// The mailbox lease: renewed every third of it, so at least a second; a dead instance's mailboxes wait this long.
+const MAILBOX_LEASE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+
+fn mailbox_lease(config: &Config, defaults: &Node, f: &mut Findings) {
+    let lease = config.defaults.mailbox_lease;
+    if !MAILBOX_LEASE.contains(&lease.0) {
+        f.error(
+            defaults.pos_of("mailbox_lease"),
+            format!("defaults.mailbox_lease {lease} is out of range; expected 1s to 1h"),
+        );
+    }
 }
 
 const RETENTION_BATCH: std::ops::RangeInclusive<u32> = 1..=10_000;

@@ -611,3 +611,31 @@ async fn a_second_instance_on_one_sqlite_file_is_refused() {
     third.signal("-INT");
     assert!(third.exited().await.success(), "{}", third.logs());
 }
+
+/// `defaults.mailbox_lease` is renewed every third of it: under a second is refused where it is written.
+#[test]
+fn a_mailbox_lease_under_a_second_is_refused_with_its_position() {
+    let load = |lease: &str| {
+        mailqueue_config::load_str(
+            Path::new("mq.yaml"),
+            &format!("defaults:\n  mailbox_lease: {lease}\n"),
+        )
+    };
+    let e = load("500ms").map(|_| ()).unwrap_err().to_string();
+    assert!(
+        e.contains("mq.yaml:2:18") && e.contains("defaults.mailbox_lease 500ms is out of range"),
+        "{e}"
+    );
+    let config = load("3s").unwrap().config;
+    assert_eq!(config.defaults.mailbox_lease.0, Duration::from_secs(3));
+    let config = load("15s").unwrap().config;
+    assert_eq!(
+        mailqueue_config::load_str(Path::new("mq.yaml"), "{}\n")
+            .unwrap()
+            .config
+            .defaults
+            .mailbox_lease,
+        config.defaults.mailbox_lease,
+        "15 s by default"
+    );
+}
