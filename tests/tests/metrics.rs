@@ -1,15 +1,15 @@
 //! `GET /metrics`: the exposition parses as strict OpenMetrics text (the format Prometheus scrapes), and its figures
 //! are the truth: queue figures, claims, outbox depth and HTTP latency over PostgreSQL and SQLite; per-mailbox
-//! figures against the local Microsoft 365 sandbox; the outgoing server's health from its latest event; who may
-//! read it.
+//! figures against the local Microsoft 365 sandbox; the outgoing server's health from its latest event; the same
+//! database figures on two instances; a database outage; who may read it.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use mailqueue_engine::store::events::{NewEvent, insert};
 use mailqueue_sandbox::Sandbox;
 use mailqueue_tests::{
-    Kind, SandboxConfig, TestApp, TestDb, both_backends, eventually, mail, pg_admin_url,
-    seed_contact, spawn_app, spawn_app_with,
+    Kind, SandboxConfig, TestApp, TestDb, both_backends, config_yaml, eventually, mail,
+    parse_config, pg_admin_url, seed_contact, spawn_app, spawn_app_with,
 };
 use sea_orm::ConnectionTrait;
 use serde_json::json;
@@ -449,6 +449,48 @@ async fn queue_figures(kind: Kind) {
 
 both_backends! {
     queue_figures_claims_outbox_depth_and_http_latency => queue_figures;
+}
+
+// ---- Two instances on one PostgreSQL ----
+
+/// Database figures are the same on every instance (aggregate with `max`); process figures count what each
+/// instance did (aggregate with `sum`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_report_the_same_queues_and_their_own_claims() {
+    let a = spawn_app(Kind::Postgres).await;
+    let b = mailqueue_engine::startup::spawn(parse_config(&config_yaml(&a.db.url)))
+        .await
+        .expect("a second instance starts");
+    for age in [30, 20, 10] {
+        seed_contact(&a.engine, "support", "en", 5, age).await;
+    }
+    assert_eq!(
+        a.post("/v1/contacts/claim", "alice-token", None)
+            .await
+            .status(),
+        200
+    );
+
+    let on_b = a
+        .client
+        .get(format!("http://{}/metrics", b.addr))
+        .bearer_auth("router-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_b.status(), 200);
+    let on_b = parse(&on_b.text().await.unwrap());
+    let on_a = scrape(&a, "router-token").await;
+    let support = [("queue", "support"), ("language", "en")];
+    for m in [&on_a, &on_b] {
+        assert_eq!(m.get("mailqueue_queue_waiting", &support), 2.0);
+        assert_eq!(m.get("mailqueue_queue_claimed", &support), 1.0);
+    }
+    let claim = [("queue", "support"), ("via", "claim")];
+    assert_eq!(on_a.get("mailqueue_claims_total", &claim), 1.0);
+    assert_eq!(on_b.value("mailqueue_claims_total", &claim), None);
+    b.stop().await;
+    a.stop().await;
 }
 
 // ---- A database outage: reported, not fatal ----
