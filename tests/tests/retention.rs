@@ -30,6 +30,7 @@ both_backends! {
     old_events_go_but_the_sequence_continues => old_events_go_but_the_sequence_continues;
     the_service_follows_reloads_and_stops => the_service_follows_reloads_and_stops;
     raw_passes_follow_the_closing_time_and_rescan_daily => raw_passes_follow_the_closing_time_and_rescan_daily;
+    instances_running_at_once_share_the_work => instances_running_at_once_share_the_work;
 }
 
 fn days_ago(days: i64) -> DateTime<Utc> {
@@ -376,6 +377,45 @@ async fn old_events_go_but_the_sequence_continues(kind: Kind) {
     assert_eq!(done.events, 2, "{done:?}");
     let left = event::Entity::find().count(&engine.db).await.unwrap();
     assert_eq!(left, (newest - last - 1) as u64);
+}
+
+/// Three engines (as three instances would, each with its own pool) run a pass at once over the same contacts:
+/// every contact is deleted exactly once, with one event, and no pass fails.
+async fn instances_running_at_once_share_the_work(kind: Kind) {
+    let (engine, db) = mailqueue_tests::engine(kind).await;
+    const N: u64 = 600;
+    for _ in 0..N {
+        seed_contact(&engine, "sales", "fr", 1, 60).await;
+    }
+    exec(
+        &engine,
+        "UPDATE contacts SET state = 'closed', closed_at = $1",
+        vec![days_ago(40).into()],
+    )
+    .await;
+    let r = retention("{ closed_contacts: 30d, batch_size: 25 }");
+    let mut passes = Vec::new();
+    for _ in 0..3 {
+        let other = Engine::start(parse_config(&config_yaml(&db.url)))
+            .await
+            .expect("another instance");
+        let r = r.clone();
+        passes.push(tokio::spawn(async move { pass(&other, &r).await }));
+    }
+    let mut deleted = 0;
+    for p in passes {
+        deleted += p.await.unwrap().contacts;
+    }
+    // A pass that found only rows locked by the others stops early; one more pass finishes whatever is left.
+    deleted += pass(&engine, &r).await.contacts;
+    assert_eq!(deleted, N);
+    assert_eq!(contact::Entity::find().count(&engine.db).await.unwrap(), 0);
+    let events = event::Entity::find()
+        .filter(event::Column::Kind.eq("contact.deleted"))
+        .count(&engine.db)
+        .await
+        .unwrap();
+    assert_eq!(events, N, "one event per deleted contact");
 }
 
 /// The raw bytes of `contact`'s inbound message, if it still has them.
