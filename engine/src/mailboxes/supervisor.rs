@@ -45,6 +45,9 @@ use crate::{
 
 /// A crashed worker is restarted after this pause.
 const RESTART_PAUSE: Duration = Duration::from_secs(5);
+/// At shutdown, the database gets this long to remove the instance row and release the leases (both expire on
+/// their own otherwise), so that an unreachable database does not hold the exit up.
+const SHUTDOWN_DB_WAIT: Duration = Duration::from_secs(5);
 
 /// What the configuration asks to fetch.
 pub struct Plan {
@@ -276,7 +279,13 @@ impl Supervisor {
                     self.reconcile();
                 }
                 () = tokio::time::sleep_until(next_tick) => {
-                    self.tick().await;
+                    // A tick waiting on an unreachable database must not hold up shutdown; stopping it midway
+                    // is safe (whatever it took is released with all of this instance's leases).
+                    let stop = self.stop.clone();
+                    tokio::select! {
+                        () = self.tick() => {}
+                        () = stop.cancelled() => {}
+                    }
                     next_tick = Instant::now() + self.timing.renew_every();
                 }
             }
@@ -668,7 +677,9 @@ impl Supervisor {
     /// See the module doc: instance row, workers, then leases.
     async fn shutdown(mut self) {
         let db = self.engine.db.clone();
-        if let Err(e) = instances::remove(&db, &self.me.id).await {
+        let removed =
+            tokio::time::timeout(SHUTDOWN_DB_WAIT, instances::remove(&db, &self.me.id)).await;
+        if let Some(e) = shutdown_failure(removed) {
             tracing::warn!(error = %e, "cannot remove this instance's row; it expires on its own");
         }
         for r in self.running.values() {
@@ -683,11 +694,16 @@ impl Supervisor {
                 r.worker.status.stopped();
             }
         }
-        match mailbox_leases::release_all(&db, &self.me.id).await {
-            Ok(n) if n > 0 => tracing::info!(leases = n, "released {n} mailbox lease(s)"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
-                error = %e,
+        let released = tokio::time::timeout(
+            SHUTDOWN_DB_WAIT,
+            mailbox_leases::release_all(&db, &self.me.id),
+        )
+        .await;
+        match released {
+            Ok(Ok(n)) if n > 0 => tracing::info!(leases = n, "released {n} mailbox lease(s)"),
+            Ok(Ok(_)) => {}
+            other => tracing::warn!(
+                error = %shutdown_failure(other.map(|r| r.map(|_| ()))).unwrap_or_default(),
                 "cannot release the mailbox leases; other instances take them when they expire"
             ),
         }
@@ -697,6 +713,17 @@ impl Supervisor {
             }
         }
         tracing::debug!("all mailbox workers stopped");
+    }
+}
+
+/// Why a database call at shutdown failed (its error, or that it took too long); `None` when it succeeded.
+fn shutdown_failure(
+    result: Result<Result<(), sea_orm::DbErr>, tokio::time::error::Elapsed>,
+) -> Option<String> {
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {SHUTDOWN_DB_WAIT:?}")),
     }
 }
 
