@@ -190,6 +190,50 @@ async fn appending_events_notifies_listeners() {
     assert_eq!(n.channel(), mailqueue_engine::events::CHANNEL);
 }
 
+/// The PIDs of the backends that LISTEN on the test database.
+async fn listen_backends(db: &DatabaseConnection) -> Vec<i32> {
+    db.query_all_raw(stmt(
+        db,
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        [],
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.try_get::<i32>("", "pid").unwrap())
+    .collect()
+}
+
+/// The instance's LISTEN connection comes back after PostgreSQL drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_events_listener_reconnects_when_its_connection_drops() {
+    let (engine, db) = mailqueue_tests::engine(Kind::Postgres).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = mailqueue_engine::events::spawn_listener(engine.clone(), stop.clone())
+        .expect("a listener on PostgreSQL");
+    let observer = sea_orm::Database::connect(&db.url).await.unwrap();
+    let first = eventually("a LISTEN connection", WAIT, async || {
+        listen_backends(&observer).await.first().copied()
+    })
+    .await;
+    observer
+        .execute_raw(stmt(
+            &observer,
+            "SELECT pg_terminate_backend($1)",
+            [first.into()],
+        ))
+        .await
+        .unwrap();
+    eventually("a new LISTEN connection", WAIT, async || {
+        let now = listen_backends(&observer).await;
+        (!now.is_empty() && !now.contains(&first)).then_some(())
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    observer.close().await.unwrap();
+}
+
 // ---- Real processes ----
 
 /// One `mailqueue serve` process with its own port, configuration file and log (stderr).
