@@ -323,6 +323,18 @@ impl Default for Retention {
 }
 
 impl Retention {
+    /// An age as written in the file when it is whole days (`90d`; humantime would say `2months 29days 2h 52m
+    /// 48s`), else like [`Interval`]'s `Display`.
+    pub fn age_text(age: Interval) -> String {
+        const DAY: u64 = 24 * 3600;
+        let secs = age.0.as_secs();
+        if secs.is_multiple_of(DAY) && age.0.subsec_nanos() == 0 {
+            format!("{}d", secs / DAY)
+        } else {
+            age.to_string()
+        }
+    }
+
     /// Whether the job has anything to do.
     pub fn is_enabled(&self) -> bool {
         self.closed_contacts.is_some() || self.raw_messages.is_some() || self.events.is_some()

@@ -4,7 +4,7 @@ use crate::{Config, DatabaseKind, Role};
 
 impl Config {
     /// E.g. `2 queues, 3 addresses (2 senders); incoming servers: m365; outgoing server: smtp.office365.com:587;
-    /// 3 API tokens (2 agent, 1 router, 0 admin); database: sqlite`.
+    /// 3 API tokens (2 agent, 1 router, 0 admin); database: sqlite; retention: off`.
     pub fn summary(&self) -> String {
         let addresses = self.queues.iter().map(|q| q.addresses.len()).sum::<usize>();
         let senders = self
@@ -36,7 +36,7 @@ impl Config {
         };
         format!(
             "{}, {} ({}); incoming servers: {servers}; outgoing server: {outgoing}; {} ({} agent, {} router, {} admin); \
-             database: {database}",
+             database: {database}; retention: {}",
             plural(self.queues.len(), "queue"),
             plural(addresses, "address"),
             plural(senders, "sender"),
@@ -44,7 +44,28 @@ impl Config {
             count(Role::Agent),
             count(Role::Router),
             count(Role::Admin),
+            self.retention.summary(),
         )
+    }
+}
+
+impl crate::Retention {
+    /// E.g. `closed contacts 365d, raw messages 30d, events 90d`, or `off`.
+    fn summary(&self) -> String {
+        let ages = [
+            ("closed contacts", self.closed_contacts),
+            ("raw messages", self.raw_messages),
+            ("events", self.events),
+        ];
+        let set: Vec<String> = ages
+            .iter()
+            .filter_map(|(what, age)| age.map(|a| format!("{what} {}", Self::age_text(a))))
+            .collect();
+        if set.is_empty() {
+            "off".into()
+        } else {
+            set.join(", ")
+        }
     }
 }
 

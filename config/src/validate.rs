@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    AfterFetch, AuthType, Config, Role, Secret,
+    AfterFetch, AuthType, Config, Retention, Role, Secret,
     tree::{Node, Pos, Problem, kept, pair},
 };
 
@@ -87,8 +87,10 @@ fn retention(config: &Config, root: &Node, f: &mut Findings) {
         f.warn(
             node.pos_of("raw_messages"),
             format!(
-                "retention.raw_messages ({raw}) is not shorter than retention.closed_contacts ({contacts}): \
-                 the contacts are deleted first, so it has no effect"
+                "retention.raw_messages ({}) is not shorter than retention.closed_contacts ({}): \
+                 the contacts are deleted first, so it has no effect",
+                Retention::age_text(raw),
+                Retention::age_text(contacts)
             ),
         );
     }

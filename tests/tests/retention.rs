@@ -522,6 +522,13 @@ fn the_section_is_optional_and_validated() {
     assert!(!off.is_enabled());
     let on = load("retention:\n  closed_contacts: 365d\n  raw_messages: 30d\n  events: 90d\n  interval: 10m\n")
         .unwrap();
+    assert!(
+        on.config
+            .summary()
+            .ends_with("retention: closed contacts 365d, raw messages 30d, events 90d"),
+        "{}",
+        on.config.summary()
+    );
     let r = &on.config.retention;
     assert_eq!(
         r.closed_contacts.unwrap().0,
@@ -562,7 +569,12 @@ fn the_section_is_optional_and_validated() {
 
     let warned = load("retention: { closed_contacts: 30d, raw_messages: 60d }\n").unwrap();
     let text = retention_warnings(&warned);
-    assert!(text.contains("has no effect"), "{text}");
+    assert!(
+        text.contains(
+            "retention.raw_messages (60d) is not shorter than retention.closed_contacts (30d)"
+        ) && text.contains("has no effect"),
+        "{text}"
+    );
     let warned = load("retention: {}\n").unwrap();
     let text = retention_warnings(&warned);
     assert!(text.contains("nothing is ever deleted"), "{text}");
