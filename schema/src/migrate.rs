@@ -61,6 +61,12 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("sql/0005_metrics_indexes.postgres.sql"),
         sqlite: include_str!("sql/0005_metrics_indexes.sqlite.sql"),
     },
+    Migration {
+        version: 6,
+        name: "lz4_compression",
+        postgres: include_str!("sql/0006_lz4_compression.postgres.sql"),
+        sqlite: include_str!("sql/0006_lz4_compression.sqlite.sql"),
+    },
 ];
 
 /// Opens a connection pool. SQLite files are created when missing, run in WAL mode and wait for locks instead of

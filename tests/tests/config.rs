@@ -302,6 +302,28 @@ fn max_email_size_must_be_1_to_40() {
 }
 
 #[test]
+fn outgoing_connections_must_be_1_to_32() {
+    let outgoing = |n: u32| {
+        format!(
+            "outgoing_server:\n  host: smtp.office365.com\n  login_address: \"https://login.microsoftonline.com/t\"\n  \
+             auth: oauth_service\n  client_id: x\n  client_secret: s\n  username: bot@contoso.com\n  connections: {n}\n"
+        )
+    };
+    for n in [0, 33] {
+        let errs = errors(&format!("{VALID}{}", outgoing(n)));
+        has(
+            &errs,
+            24,
+            &[&format!("outgoing_server.connections is {n}"), "1..=32"],
+        );
+    }
+    let eight = loaded(&format!("{VALID}{}", outgoing(8)));
+    assert_eq!(eight.config.outgoing_server.unwrap().connections, 8);
+    let default = loaded(&format!("{VALID}{}", outgoing(3).replace("  connections: 3\n", "")));
+    assert_eq!(default.config.outgoing_server.unwrap().connections, 3);
+}
+
+#[test]
 fn invalid_email_addresses() {
     let yaml = VALID.replace(
         "{ address: support@contoso.com, server: m365, sender: true }",

@@ -339,7 +339,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Builds, sends and records one claimed row.
+    /// Builds, sends and records one claimed row. The built bytes are stored with the outcome, in the same
+    /// transaction: one durable commit per send (the attempt itself was committed by the claim).
     async fn process(&self, out: &Outgoing, row: outbox::Model) -> Result<()> {
         let built = match self.build(out, &row).await {
             Ok(b) => b,
@@ -348,15 +349,14 @@ impl Worker {
                 return self
                     .finish_failed(
                         &row,
+                        None,
                         &error,
                         &error,
                         "correct the reply and send it again",
-                        None,
                     )
                     .await;
             }
         };
-        store::outbox::store_raw(&self.engine.db, row.message_id, &built.raw, &built.from).await?;
         failpoint(FAILPOINT_BEFORE_SEND);
         match out.sender.send(&built.envelope, &built.raw).await {
             Ok(accepted) => {
@@ -379,6 +379,7 @@ impl Worker {
         accepted: &Accepted,
     ) -> Result<()> {
         let txn = store::begin_write(&self.engine.db).await?;
+        store::outbox::store_raw(&txn, row.message_id, &built.raw, &built.from).await?;
         let ok = store::outbox::mark_sent(
             &txn,
             row.id,
@@ -447,6 +448,7 @@ impl Worker {
                 row.id
             );
             let txn = store::begin_write(&self.engine.db).await?;
+            store::outbox::store_raw(&txn, row.message_id, &built.raw, &built.from).await?;
             if store::outbox::release(&txn, row.id, &self.me, Some(next), &error).await? {
                 store::events::insert(
                     &txn,
@@ -477,17 +479,18 @@ impl Worker {
         } else {
             error
         };
-        self.finish_failed(row, &error, &ex.cause, &ex.fix, built.queue.as_deref())
+        self.finish_failed(row, Some(built), &error, &ex.cause, &ex.fix)
             .await
     }
 
+    /// Records row `row` `failed` with its cause and fix (and the bytes of the mail, when it was built).
     async fn finish_failed(
         &self,
         row: &outbox::Model,
+        built: Option<&Built>,
         error: &str,
         cause: &str,
         fix: &str,
-        queue: Option<&str>,
     ) -> Result<()> {
         tracing::error!(
             reply = row.id,
@@ -496,13 +499,16 @@ impl Worker {
             row.id
         );
         let txn = store::begin_write(&self.engine.db).await?;
+        if let Some(b) = built {
+            store::outbox::store_raw(&txn, row.message_id, &b.raw, &b.from).await?;
+        }
         if store::outbox::release(&txn, row.id, &self.me, None, error).await? {
             store::events::insert(
                 &txn,
                 NewEvent {
                     kind: "reply.failed",
                     contact_id: Some(row.contact_id),
-                    queue,
+                    queue: built.and_then(|b| b.queue.as_deref()),
                     actor: None,
                     data: json!({
                         "reply_id": row.id,
