@@ -319,7 +319,10 @@ fn outgoing_connections_must_be_1_to_32() {
     }
     let eight = loaded(&format!("{VALID}{}", outgoing(8)));
     assert_eq!(eight.config.outgoing_server.unwrap().connections, 8);
-    let default = loaded(&format!("{VALID}{}", outgoing(3).replace("  connections: 3\n", "")));
+    let default = loaded(&format!(
+        "{VALID}{}",
+        outgoing(3).replace("  connections: 3\n", "")
+    ));
     assert_eq!(default.config.outgoing_server.unwrap().connections, 3);
 }
 
