@@ -58,6 +58,7 @@ impl Engine {
 
     /// Like [`Engine::start`] on an already migrated connection.
     pub async fn with_connection(db: DatabaseConnection, config: Config) -> Result<Self> {
+        crate::memory::tune_allocator();
         let backend = Backend::of(&db);
         let engine = Self {
             db,

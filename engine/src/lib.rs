@@ -14,6 +14,7 @@ pub mod events;
 pub mod import;
 pub mod ingest;
 pub mod mailboxes;
+pub mod memory;
 pub mod messages;
 pub mod metrics;
 pub mod outbox;

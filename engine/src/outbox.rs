@@ -282,7 +282,7 @@ impl Engine {
                     content_type: a.content_type,
                     content_id: None,
                     inline: false,
-                    data: a.data,
+                    data: a.data.into(),
                 })
                 .collect::<Vec<_>>();
             let attachment_count = files.len();

@@ -329,6 +329,13 @@ async fn bulk(
         rss::mb(rss_after),
         rss::mb(dovecot_rss)
     );
+    if let Some(a) = mailqueue_engine::memory::allocator_figures() {
+        println!(
+            "allocator after the run: {} in use, {} freed but kept by malloc",
+            rss::mb(a.in_use),
+            rss::mb(a.free_kept)
+        );
+    }
     // Every mail must be stopped before it idles again, so that nothing is left running into the next phase.
     let idle = engine
         .mailboxes()

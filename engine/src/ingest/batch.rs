@@ -546,7 +546,7 @@ async fn execute(
                     content_type: a.content_type.clone(),
                     content_id: a.content_id.clone(),
                     inline: a.inline,
-                    data: a.data.clone(),
+                    data: (&a.data[..]).into(),
                 }));
                 let queue = planner.queue_of(contact, route);
                 let mut event = |kind, data| {

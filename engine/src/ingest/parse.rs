@@ -91,13 +91,13 @@ pub struct ParsedAttachment {
 }
 
 impl ParsedMail {
-    pub(crate) fn to_new_message(
+    pub(crate) fn to_new_message<'a>(
         &self,
         contact_id: i64,
         key: &str,
         mailbox: &str,
-        raw: &[u8],
-    ) -> NewMessage {
+        raw: &'a [u8],
+    ) -> NewMessage<'a> {
         let list = |l: &[Mailbox]| serde_json::to_value(l).unwrap_or_else(|_| json!([]));
         NewMessage {
             contact_id,
@@ -117,7 +117,7 @@ impl ParsedMail {
             headers: json!(self.headers.iter().map(|(n, v)| [n, v]).collect::<Vec<_>>()),
             text_body: self.text_body.clone(),
             html_body: self.html_body.clone(),
-            raw: Some(raw.to_vec()),
+            raw: Some(raw.into()),
             size: raw.len() as i64,
             created_by: None,
         }
@@ -151,9 +151,9 @@ fn parse_unguarded(raw: &[u8]) -> std::result::Result<ParsedMail, String> {
             let message = parser
                 .parse(&repaired)
                 .ok_or_else(|| "unparsable: not an RFC 822 message".to_owned())?;
-            Ok(extract(&message))
+            Ok(extract(message))
         }
-        None => Ok(extract(&message)),
+        None => Ok(extract(message)),
     }
 }
 
@@ -198,7 +198,8 @@ fn repair_header_charset(raw: &[u8], message: &Message<'_>) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn extract(m: &Message<'_>) -> ParsedMail {
+fn extract(mut message: Message<'_>) -> ParsedMail {
+    let m = &message;
     let root = m.root_part();
     let headers: Vec<(String, String)> = root
         .headers
@@ -242,7 +243,7 @@ fn extract(m: &Message<'_>) -> ParsedMail {
     };
 
     let (report, original_message_id) = report(m, &headers);
-    ParsedMail {
+    let mut parsed = ParsedMail {
         message_id: m.message_id().and_then(message_id),
         in_reply_to: m
             .header("In-Reply-To")
@@ -263,10 +264,13 @@ fn extract(m: &Message<'_>) -> ParsedMail {
         headers,
         text_body: (!text.is_empty()).then(|| text.join("\n")),
         html_body: (!html.is_empty()).then(|| html.join("\n")),
-        attachments: attachments(m),
+        attachments: Vec::new(),
         report,
         original_message_id,
-    }
+    };
+    // Last, because it moves the decoded attachments out of the message.
+    parsed.attachments = attachments(&mut message);
+    parsed
 }
 
 /// The delivery report of a mail, and the Message-ID of the mail it reports on.
@@ -398,21 +402,18 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn attachments(m: &Message<'_>) -> Vec<ParsedAttachment> {
+/// The attachments, with their decoded bytes moved out of `m` (a 30 MB attachment is not copied).
+fn attachments(m: &mut Message<'_>) -> Vec<ParsedAttachment> {
     let mut out = Vec::new();
-    for &id in &m.attachments {
-        let Some(part) = m.parts.get(id as usize) else {
+    for id in m.attachments.clone() {
+        let Some(part) = m.parts.get_mut(id as usize) else {
             continue;
         };
-        let (data, fallback_type): (Cow<'_, [u8]>, &str) = match &part.body {
-            PartType::Binary(b) | PartType::InlineBinary(b) => {
-                (Cow::Borrowed(b.as_ref()), "application/octet-stream")
-            }
-            PartType::Text(t) => (Cow::Borrowed(t.as_bytes()), "text/plain"),
-            PartType::Html(t) => (Cow::Borrowed(t.as_bytes()), "text/html"),
-            PartType::Message(inner) => {
-                (Cow::Borrowed(inner.raw_message.as_ref()), "message/rfc822")
-            }
+        let fallback_type = match &part.body {
+            PartType::Binary(_) | PartType::InlineBinary(_) => "application/octet-stream",
+            PartType::Text(_) => "text/plain",
+            PartType::Html(_) => "text/html",
+            PartType::Message(_) => "message/rfc822",
             PartType::Multipart(_) => continue,
         };
         let content_type = part
@@ -432,15 +433,22 @@ fn attachments(m: &Message<'_>) -> Vec<ParsedAttachment> {
             Some(d) => d.is_inline(),
             None => content_id.is_some() || matches!(part.body, PartType::InlineBinary(_)),
         };
+        let filename = part
+            .attachment_name()
+            .map(|n| clean(n.trim()))
+            .filter(|n| !n.is_empty());
+        let data = match &mut part.body {
+            PartType::Binary(b) | PartType::InlineBinary(b) => std::mem::take(b).into_owned(),
+            PartType::Text(t) | PartType::Html(t) => std::mem::take(t).into_owned().into_bytes(),
+            PartType::Message(inner) => inner.raw_message.to_vec(),
+            PartType::Multipart(_) => continue,
+        };
         out.push(ParsedAttachment {
-            filename: part
-                .attachment_name()
-                .map(|n| clean(n.trim()))
-                .filter(|n| !n.is_empty()),
+            filename,
             content_type,
             content_id,
             inline,
-            data: data.into_owned(),
+            data,
         });
     }
     out

@@ -8,7 +8,9 @@
 //! * [`leases`]: with several instances on one database, which instance fetches which mailbox (lease rows,
 //!   renewed by heartbeat, a fair share per live instance), and the guard a worker checks before storing.
 //! * [`status`]: what each worker is doing, for `GET /v1/mailboxes` and the logs.
+//! * [`budget`]: the process-wide budget of downloaded mail not yet stored, shared by every worker.
 
+pub mod budget;
 pub mod leases;
 pub mod status;
 pub mod supervisor;

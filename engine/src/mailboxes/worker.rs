@@ -10,7 +10,8 @@
 //! (1 s → 5 min) and starts another. Shutdown cancels IDLE and the waits; a batch being stored finishes first.
 //!
 //! **A fetch** reads the folder's `(UIDVALIDITY, last UID)` cursor and asks for the sizes of the newer UIDs, then
-//! works in batches (at most 250 mails and 32 MiB): mail over `defaults.max_email_size_mb` is never downloaded —
+//! works in batches (at most 256 mails and 4 MiB, taken from the process's byte budget before the download and
+//! given back once stored, see [`super::budget`]): mail over `defaults.max_email_size_mb` is never downloaded —
 //! it is quarantined from its headers with a reason naming its size; the rest is downloaded whole. The batch is
 //! stored with [`Engine::ingest_batch`] together with the cursor at the batch's last UID, in one transaction, and
 //! only then acted on at the server: quarantined mail is moved to `ingest.quarantine_folder` (created if missing),
@@ -46,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{
+    budget::ByteBudget,
     leases::LeaseGuard,
     status::{MailboxError, MailboxState, StatusHandle},
 };
@@ -57,10 +59,12 @@ use crate::{
 
 /// IDLE is re-issued at least this often (servers drop idle connections after about 30 minutes; RFC 2177).
 pub const IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
-/// At most this many mails per batch.
-pub const BATCH_MAILS: usize = 250;
-/// At most this many bytes of mail per batch (a single larger mail still makes a batch of its own).
-pub const BATCH_BYTES: u64 = 32 * 1024 * 1024;
+/// At most this many mails per batch: a power of two, so that a batch of new mail is one multi-row insert per
+/// table (`store::pow2_chunks` splits other counts into several statements).
+pub const BATCH_MAILS: usize = 256;
+/// At most this many bytes of mail per batch (a single larger mail still makes a batch of its own): half the
+/// process's [`budget`](super::budget), so that two batches can be in flight.
+pub const BATCH_BYTES: u64 = super::budget::DEFAULT_BYTES / 2;
 /// First wait after a failure; doubled per failure in a row.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest wait after failures.
@@ -426,6 +430,7 @@ impl Worker {
             }
             backoff.reset();
             self.status.fetch_completed();
+            ByteBudget::shared().release_memory_if_idle();
             if self.stop.is_cancelled() {
                 let _ = imap.logout().await;
                 return Ok(End::Stopped);
@@ -598,6 +603,13 @@ impl Worker {
             .map(|s| s.0)
             .collect();
         let big_uids: Vec<u32> = big.iter().map(|b| b.0).collect();
+        // Downloaded mail counts against the process's budget until this batch is stored and acted on.
+        let bytes: u64 = batch
+            .iter()
+            .filter(|(_, size)| u64::from(*size) <= max)
+            .map(|(_, size)| u64::from(*size))
+            .sum();
+        let _in_flight = ByteBudget::shared().take(bytes).await;
         let bodies: Vec<FetchedMail> = if small_uids.is_empty() {
             Vec::new()
         } else {

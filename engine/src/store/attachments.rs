@@ -1,5 +1,7 @@
 //! SQL of the `attachments` table.
 
+use std::borrow::Cow;
+
 use mailqueue_schema::entity::attachment;
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, Value};
 
@@ -7,18 +9,20 @@ use super::{placeholders, stmt};
 
 /// Fields of a new attachment; `size` is the length of `data`.
 #[derive(Debug, Clone)]
-pub struct NewAttachment {
+pub struct NewAttachment<'a> {
     pub message_id: i64,
     pub filename: Option<String>,
     pub content_type: String,
     /// Without angle brackets.
     pub content_id: Option<String>,
     pub inline: bool,
-    pub data: Vec<u8>,
+    /// Borrowed from the parsed mail when ingesting: written in pieces when large (see `store::VALUE_PIECE`).
+    pub data: Cow<'a, [u8]>,
 }
 
-pub async fn insert(db: &impl ConnectionTrait, a: NewAttachment) -> Result<i64, DbErr> {
+pub async fn insert(db: &impl ConnectionTrait, a: NewAttachment<'_>) -> Result<i64, DbErr> {
     let size = a.data.len() as i64;
+    let (first, rest) = super::first_piece(&a.data);
     let row = db
         .query_one_raw(stmt(
             db,
@@ -31,12 +35,16 @@ pub async fn insert(db: &impl ConnectionTrait, a: NewAttachment) -> Result<i64, 
                 a.content_id.into(),
                 a.inline.into(),
                 size.into(),
-                a.data.into(),
+                first,
             ],
         ))
         .await?
         .ok_or(DbErr::RecordNotInserted)?;
-    row.try_get::<i64>("", "id")
+    let id = row.try_get::<i64>("", "id")?;
+    if let Some(rest) = rest {
+        super::append_pieces(db, "attachments", "data", id, rest).await?;
+    }
+    Ok(id)
 }
 
 /// Attachments per statement of [`insert_many`] at most (7 values each) …
@@ -48,17 +56,32 @@ const BYTES_PER_INSERT: usize = 32 * 1024 * 1024;
 /// `store::pow2_chunks`) and about 32 MB of data at most.
 pub async fn insert_many(
     db: &impl ConnectionTrait,
-    attachments: Vec<NewAttachment>,
+    attachments: Vec<NewAttachment<'_>>,
 ) -> Result<(), DbErr> {
-    for chunk in super::insert_chunks(attachments, ROWS_PER_INSERT, BYTES_PER_INSERT, |a| {
-        a.data.len()
-    }) {
+    // Large attachments go one by one, in pieces; the runs between them in multi-row statements, in order.
+    let mut run = Vec::new();
+    for a in attachments {
+        if a.data.len() > super::VALUE_PIECE {
+            insert_runs(db, std::mem::take(&mut run)).await?;
+            insert(db, a).await?;
+        } else {
+            run.push(a);
+        }
+    }
+    insert_runs(db, run).await
+}
+
+async fn insert_runs(db: &impl ConnectionTrait, rows: Vec<NewAttachment<'_>>) -> Result<(), DbErr> {
+    for chunk in super::insert_chunks(rows, ROWS_PER_INSERT, BYTES_PER_INSERT, |a| a.data.len()) {
         insert_chunk(db, chunk).await?;
     }
     Ok(())
 }
 
-async fn insert_chunk(db: &impl ConnectionTrait, chunk: Vec<NewAttachment>) -> Result<(), DbErr> {
+async fn insert_chunk(
+    db: &impl ConnectionTrait,
+    chunk: Vec<NewAttachment<'_>>,
+) -> Result<(), DbErr> {
     let rows = super::value_rows(chunk.len(), 7);
     let sql = format!(
         "INSERT INTO attachments (message_id, filename, content_type, content_id, inline, size, data) VALUES {rows}"
@@ -72,7 +95,7 @@ async fn insert_chunk(db: &impl ConnectionTrait, chunk: Vec<NewAttachment>) -> R
             a.content_id.into(),
             a.inline.into(),
             size.into(),
-            a.data.into(),
+            a.data.into_owned().into(),
         ]
     });
     db.execute_raw(stmt(db, &sql, values)).await?;

@@ -1,6 +1,9 @@
 //! SQL of the `messages` table.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, Value};
@@ -9,7 +12,7 @@ use super::{padded, placeholders, stmt};
 
 /// Fields of a new message, inbound (ingest) or outbound (reply).
 #[derive(Debug, Clone)]
-pub struct NewMessage {
+pub struct NewMessage<'a> {
     pub contact_id: i64,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
@@ -32,7 +35,8 @@ pub struct NewMessage {
     pub headers: serde_json::Value,
     pub text_body: Option<String>,
     pub html_body: Option<String>,
-    pub raw: Option<Vec<u8>>,
+    /// Borrowed from the fetched mail when ingesting: written in pieces when large (see `store::VALUE_PIECE`).
+    pub raw: Option<Cow<'a, [u8]>>,
     pub size: i64,
     pub created_by: Option<String>,
 }
@@ -42,8 +46,17 @@ const INSERT_SQL: &str = "INSERT INTO messages (contact_id, direction, source_ke
      html_body, raw, size, created_by, created_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
 
-fn insert_values(m: NewMessage) -> [Value; 21] {
-    [
+/// The row's values, and the whole raw bytes when the row holds only their first piece (the rest is appended).
+fn insert_values(m: NewMessage<'_>) -> ([Value; 21], Option<Cow<'_, [u8]>>) {
+    let (raw, whole) = match m.raw {
+        None => (Option::<Vec<u8>>::None.into(), None),
+        Some(raw) => {
+            let (first, rest) = super::first_piece(&raw);
+            let large = rest.is_some();
+            (first, large.then_some(raw))
+        }
+    };
+    let values = [
         m.contact_id.into(),
         m.direction.into(),
         m.source_key.into(),
@@ -61,25 +74,32 @@ fn insert_values(m: NewMessage) -> [Value; 21] {
         m.headers.into(),
         m.text_body.into(),
         m.html_body.into(),
-        m.raw.into(),
+        raw,
         m.size.into(),
         m.created_by.into(),
         Utc::now().into(),
-    ]
+    ];
+    (values, whole)
+}
+
+/// Appends the raw bytes after the first piece to message `id`.
+async fn append_raw(db: &impl ConnectionTrait, id: i64, whole: &[u8]) -> Result<(), DbErr> {
+    super::append_pieces(db, "messages", "raw", id, &whole[super::VALUE_PIECE..]).await
 }
 
 /// Inserts a message and returns its id. A second message with the same `source_key` fails with a unique
 /// violation (`DbErr::sql_err`).
-pub async fn insert(db: &impl ConnectionTrait, m: NewMessage) -> Result<i64, DbErr> {
+pub async fn insert(db: &impl ConnectionTrait, m: NewMessage<'_>) -> Result<i64, DbErr> {
+    let (values, whole) = insert_values(m);
     let row = db
-        .query_one_raw(stmt(
-            db,
-            &format!("{INSERT_SQL} RETURNING id"),
-            insert_values(m),
-        ))
+        .query_one_raw(stmt(db, &format!("{INSERT_SQL} RETURNING id"), values))
         .await?
         .ok_or(DbErr::RecordNotInserted)?;
-    row.try_get::<i64>("", "id")
+    let id = row.try_get::<i64>("", "id")?;
+    if let Some(whole) = whole {
+        append_raw(db, id, &whole).await?;
+    }
+    Ok(id)
 }
 
 /// Messages per statement of [`insert_many`] at most (21 values each) …
@@ -92,11 +112,11 @@ const BYTES_PER_INSERT: usize = 32 * 1024 * 1024;
 /// with a unique violation, as [`insert`] does.
 pub async fn insert_many(
     db: &impl ConnectionTrait,
-    messages: Vec<NewMessage>,
+    messages: Vec<NewMessage<'_>>,
 ) -> Result<Vec<i64>, DbErr> {
     let keys: Vec<Option<String>> = messages.iter().map(|m| m.source_key.clone()).collect();
-    let bytes = |m: &NewMessage| {
-        m.raw.as_ref().map_or(0, Vec::len)
+    let bytes = |m: &NewMessage<'_>| {
+        m.raw.as_ref().map_or(0, |r| r.len())
             + m.text_body.as_ref().map_or(0, String::len)
             + m.html_body.as_ref().map_or(0, String::len)
     };
@@ -107,9 +127,24 @@ pub async fn insert_many(
             "{prefix} VALUES {} RETURNING id, source_key",
             super::value_rows(chunk.len(), 21)
         );
-        let values = chunk.into_iter().flat_map(insert_values);
+        let mut values = Vec::with_capacity(chunk.len() * 21);
+        let mut large = Vec::new();
+        for m in chunk {
+            let key = m.source_key.clone();
+            let (row, whole) = insert_values(m);
+            values.extend(row);
+            if let Some(whole) = whole {
+                large.push((key, whole));
+            }
+        }
         for row in db.query_all_raw(stmt(db, &sql, values)).await? {
             ids.insert(row.try_get("", "source_key")?, row.try_get("", "id")?);
+        }
+        for (key, whole) in large {
+            let id = key
+                .and_then(|k| ids.get(&k).copied())
+                .ok_or(DbErr::RecordNotInserted)?;
+            append_raw(db, id, &whole).await?;
         }
     }
     keys.into_iter()

@@ -37,6 +37,50 @@ pub fn stmt(
     Statement::from_sql_and_values(db.get_database_backend(), sql, values)
 }
 
+/// Byte values (raw mail, attachment data) larger than this are written in pieces of this size: the row takes
+/// the first piece and each further piece is appended with a statement of its own ([`append_bytes_sql`]). A value
+/// passes through three whole copies on its way out (sea-orm's value, the driver's arguments, its send buffer), so
+/// a 40 MB mail written at once would cost 120 MB; in pieces it costs 12 MB. Appending rewrites the value each time
+/// (on PostgreSQL, quadratic in its number of pieces), which is why pieces are large and only large values split.
+pub const VALUE_PIECE: usize = 4 * 1024 * 1024;
+
+/// The first piece of a byte value for its row (see [`VALUE_PIECE`]), and the rest to append, if any.
+pub fn first_piece(bytes: &[u8]) -> (Value, Option<&[u8]>) {
+    if bytes.len() <= VALUE_PIECE {
+        (Value::from(bytes.to_vec()), None)
+    } else {
+        let (first, rest) = bytes.split_at(VALUE_PIECE);
+        (Value::from(first.to_vec()), Some(rest))
+    }
+}
+
+/// `UPDATE <table> SET <column> = <column> || $1 WHERE id = $2`: appends a piece to a byte value. SQLite's `||`
+/// yields text (with the bytes unchanged), so it is cast back to a BLOB there.
+pub fn append_bytes_sql(db: &impl ConnectionTrait, table: &str, column: &str) -> String {
+    match Backend::of(db) {
+        Backend::Postgres => format!("UPDATE {table} SET {column} = {column} || $1 WHERE id = $2"),
+        Backend::Sqlite => {
+            format!("UPDATE {table} SET {column} = CAST({column} || $1 AS BLOB) WHERE id = $2")
+        }
+    }
+}
+
+/// Appends `rest` to the byte value `table.column` of row `id` in pieces of [`VALUE_PIECE`].
+pub async fn append_pieces(
+    db: &impl ConnectionTrait,
+    table: &str,
+    column: &str,
+    id: i64,
+    rest: &[u8],
+) -> Result<(), DbErr> {
+    let sql = append_bytes_sql(db, table, column);
+    for piece in rest.chunks(VALUE_PIECE) {
+        db.execute_raw(stmt(db, &sql, [piece.to_vec().into(), id.into()]))
+            .await?;
+    }
+    Ok(())
+}
+
 /// The length an `IN (…)` list of `n` values is padded to (with NULLs, which match nothing): the next power of two.
 /// A statement over a list thus has one of a few shapes, which every pooled connection prepares once and then
 /// reuses (preparing a statement with hundreds of parameters costs far more than running it).

@@ -8,6 +8,8 @@ use crate::io::{AsyncRead, AsyncReadExt, ProtocolDecode, ProtocolEncode};
 
 // Tokio, async-std, and std all use this as the default capacity for their buffered I/O.
 const DEFAULT_BUF_SIZE: usize = 8192;
+/// mailqueue patch: the largest write buffer a connection keeps between statements.
+const RETAINED_WRITE_BUF: usize = 1024 * 1024;
 
 pub struct BufferedSocket<S> {
     socket: S,
@@ -128,6 +130,10 @@ impl<S: Socket> BufferedSocket<S> {
             self.write_buf.consume(written);
             self.write_buf.sanity_check();
         }
+        // mailqueue patch: a statement with large values (a 40 MB mail) grew the buffer to its size, and a pooled
+        // connection kept that capacity for its lifetime (32 connections × the largest statement each saw).
+        // Once everything is flushed, a buffer over `RETAINED_WRITE_BUF` is dropped for a default-sized one.
+        self.write_buf.release_if_large();
 
         self.socket.flush().await?;
 
@@ -252,6 +258,15 @@ impl WriteBuffer {
         self.buf
             .truncate(cmp::max(self.bytes_written, DEFAULT_BUF_SIZE));
         self.buf.shrink_to_fit();
+    }
+
+    /// mailqueue patch (see `BufferedSocket::flush`): replaces an empty buffer larger than `RETAINED_WRITE_BUF`.
+    fn release_if_large(&mut self) {
+        if self.is_empty() && self.buf.capacity() > RETAINED_WRITE_BUF {
+            self.buf = Vec::with_capacity(DEFAULT_BUF_SIZE);
+            self.bytes_written = 0;
+            self.bytes_flushed = 0;
+        }
     }
 
     fn consume(&mut self, amt: usize) {
