@@ -379,6 +379,9 @@ impl Worker {
         accepted: &Accepted,
     ) -> Result<()> {
         let txn = store::begin_write(&self.engine.db).await?;
+        // Losing this commit to a database server crash is safe: the row stays `sending`, and after its lease it is
+        // failed as "outcome unknown", never resent. Not waiting for the WAL flush saves a disk flush per send.
+        store::commit_asynchronously(&txn).await?;
         store::outbox::store_raw(&txn, row.message_id, &built.raw, &built.from).await?;
         let ok = store::outbox::mark_sent(
             &txn,

@@ -28,6 +28,22 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction,
     .await
 }
 
+/// Makes the commit of `txn` asynchronous: it returns without waiting for the WAL flush (PostgreSQL
+/// `SET LOCAL synchronous_commit = off`; SQLite: no change). Its commit is still atomic and is durable within about
+/// `wal_writer_delay` (200 ms); only a crash of the database server (not of the engine) in that window loses it. For
+/// writes whose loss is recovered safely — the outbox worker's outcome records, whose loss turns into the "outcome
+/// unknown" path — never for writes that guard an action (a claim).
+pub async fn commit_asynchronously(txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    if Backend::of(txn) == Backend::Postgres {
+        txn.execute_raw(Statement::from_string(
+            txn.get_database_backend(),
+            "SET LOCAL synchronous_commit = off",
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 /// A statement for the connection's backend.
 pub fn stmt(
     db: &impl ConnectionTrait,
