@@ -9,6 +9,8 @@
 //! * `latency`: mail delivered one at a time while the engine IDLEs; delivery → claimable through the API.
 //! * `replies`: N replies stored with `Engine::submit_reply` and sent by the outbox worker through the sandbox's
 //!   SMTP server (STARTTLS, XOAUTH2); replies/s and the process's peak RSS.
+//! * `claims` (no sandbox): N seeded contacts claimed and closed over HTTP by 64 concurrent agents; claims/s, claim
+//!   and close latency, and a check that no contact was claimed twice.
 //!
 //! All print a table with the project's targets beside the measured figures. Nothing here asserts on a figure:
 //! the machine decides the numbers, the table shows them.

@@ -11,7 +11,11 @@ use utoipa::ToSchema;
 use crate::{
     engine::{Engine, QueueDirectory},
     error::{Error, Result},
-    store::{self, contacts::ClaimFilter, events::NewEvent},
+    store::{
+        self,
+        contacts::ClaimFilter,
+        events::{ContactEvent, NewEvent},
+    },
 };
 
 /// A contact as the API shows it.
@@ -104,19 +108,22 @@ impl Engine {
         languages: &[String],
     ) -> Result<Option<Contact>> {
         let lease = self.claim_lease().await;
-        let txn = store::begin_write(&self.db).await?;
         let filter = ClaimFilter {
             queue_ids,
             languages,
         };
-        let Some(m) = store::contacts::claim_next(&txn, &filter, agent, lease).await? else {
-            txn.rollback().await?;
+        let event = ContactEvent {
+            kind: "contact.claimed",
+            actor: agent,
+            data: json!({ "agent": agent }),
+        };
+        let Some(m) = store::contacts::claim_next(&self.db, &filter, agent, lease, &event).await?
+        else {
             self.metrics().claim_found_nothing();
             return Ok(None);
         };
-        let contact = self
-            .finish(txn, m, "contact.claimed", agent, json!({ "agent": agent }))
-            .await?;
+        self.events_appended();
+        let contact = Contact::from_model(m, &*self.queues().await);
         self.metrics().claimed(&contact.queue, false);
         Ok(Some(contact))
     }
@@ -198,13 +205,17 @@ impl Engine {
 
     /// Closes an open contact.
     pub async fn close(&self, id: i64, actor: Actor<'_>) -> Result<Contact> {
-        let txn = store::begin_write(&self.db).await?;
-        match store::contacts::close(&txn, id, actor.holder()).await? {
+        let event = ContactEvent {
+            kind: "contact.closed",
+            actor: actor.name(),
+            data: json!({}),
+        };
+        match store::contacts::close(&self.db, id, actor.holder(), &event).await? {
             Some(m) => {
-                self.finish(txn, m, "contact.closed", actor.name(), json!({}))
-                    .await
+                self.events_appended();
+                Ok(Contact::from_model(m, &*self.queues().await))
             }
-            None => Err(self.explain(txn, id, &held_by(actor)).await),
+            None => Err(self.explain_db(id, &held_by(actor)).await),
         }
     }
 

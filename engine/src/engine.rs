@@ -17,6 +17,9 @@ pub struct Engine {
     config: Arc<RwLock<Arc<Config>>>,
     queues: Arc<RwLock<Arc<QueueDirectory>>>,
     events_appended: Arc<Notify>,
+    /// PostgreSQL: asks this instance's notifier to wake the event readers of the other instances (see
+    /// [`crate::events::spawn_notifier`]).
+    notify_instances: Option<tokio::sync::mpsc::Sender<()>>,
     /// Wakes the outbox workers of this process when a reply is stored (other instances find it by polling).
     reply_stored: Arc<Notify>,
     /// Bumped by [`Engine::replace_config`]; services that follow the configuration (mailbox supervisor, outbox
@@ -60,12 +63,14 @@ impl Engine {
     pub async fn with_connection(db: DatabaseConnection, config: Config) -> Result<Self> {
         crate::memory::tune_allocator();
         let backend = Backend::of(&db);
+        let notify_instances = crate::events::spawn_notifier(&db, backend);
         let engine = Self {
             db,
             backend,
             config: Arc::new(RwLock::new(Arc::new(config))),
             queues: Arc::default(),
             events_appended: Arc::default(),
+            notify_instances,
             reply_stored: Arc::default(),
             config_version: Arc::new(tokio::sync::watch::Sender::new(0)),
             mailboxes: crate::mailboxes::StatusBoard::default(),
@@ -134,8 +139,18 @@ impl Engine {
         self.config().await.defaults.claim_lease.0
     }
 
-    /// Wakes event long-pollers; call after committing a transaction that appended events.
+    /// Wakes event long-pollers, here and (PostgreSQL) on every other instance; call after committing a transaction
+    /// that appended events.
     pub fn events_appended(&self) {
+        self.wake_event_readers();
+        if let Some(notifier) = &self.notify_instances {
+            // A full channel means a NOTIFY is already due to start after this commit, so it covers this one too.
+            let _ = notifier.try_send(());
+        }
+    }
+
+    /// Wakes this process's event long-pollers only (on a notification from another instance).
+    pub fn wake_event_readers(&self) {
         self.events_appended.notify_waiters();
     }
 

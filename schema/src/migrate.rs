@@ -67,6 +67,12 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("sql/0006_lz4_compression.postgres.sql"),
         sqlite: include_str!("sql/0006_lz4_compression.sqlite.sql"),
     },
+    Migration {
+        version: 7,
+        name: "events_notify_after_commit",
+        postgres: include_str!("sql/0007_events_notify_after_commit.postgres.sql"),
+        sqlite: include_str!("sql/0007_events_notify_after_commit.sqlite.sql"),
+    },
 ];
 
 /// Opens a connection pool. SQLite files are created when missing, run in WAL mode and wait for locks instead of

@@ -1,5 +1,6 @@
 //! Claims through the HTTP API: `cargo run --release -p mailqueue-bench --bin claims -- [--agents 64]
-//! [--contacts 50000] [--queues 4] [--languages 3] [--db postgres|sqlite] [--duration-secs 20] [--close true]`.
+//! [--contacts 50000] [--queues 4] [--languages 3] [--db postgres|sqlite] [--duration-secs 20] [--close true]
+//! [--direct] [--no-analyze]`.
 //!
 //! Starts the engine (`startup::spawn`) on a fresh database with `--queues` queues and one agent token per agent,
 //! each serving every queue and every language, and seeds `--contacts` waiting contacts straight into the store
@@ -10,7 +11,9 @@
 //! Prints claims/s, the claim latency (p50/p95/p99/max) apart from the close latency, empty claims and errors
 //! beside the target, and checks that no contact was claimed twice: the ids the agents got, and the
 //! `contact.claimed` events in the database. No sandbox is needed; the agents and the engine share this process
-//! (and the machine's cores with the database server).
+//! (and the machine's cores with the database server). `--direct` calls the engine in process instead of over HTTP
+//! (the HTTP layer's share), `--close false` only claims, and `--no-analyze` leaves the table without planner
+//! statistics (the first minute after a bulk load).
 
 use std::{
     collections::HashSet,
@@ -28,10 +31,12 @@ use mailqueue_bench::{
 };
 use mailqueue_engine::{
     Engine,
+    contacts::Actor,
     startup::{self, RunningApp},
     store::{self, contacts::NewContact},
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use sea_orm::ConnectionTrait as _;
 
 /// Claim throughput and latency of concurrent agents through the HTTP API.
 #[derive(Debug, Clone, Parser)]
@@ -58,6 +63,14 @@ struct Args {
     /// Close each claimed contact (as an agent finishing it would); `--close false` only claims.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     close: bool,
+    /// Leave the seeded contacts without planner statistics (no `ANALYZE` after seeding): the first minutes after a
+    /// bulk load, before autovacuum (PostgreSQL) has analysed the table.
+    #[arg(long)]
+    no_analyze: bool,
+    /// Call `Engine::claim_next` and `Engine::close` in process instead of the HTTP API: the engine's share of the
+    /// figures without the HTTP layer (client and server).
+    #[arg(long)]
+    direct: bool,
     /// Seed of the generated contacts.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -117,6 +130,10 @@ fn queue_name(i: usize) -> String {
     format!("claims-{i}")
 }
 
+fn agent_name(i: usize) -> String {
+    format!("agent-{i:03}")
+}
+
 fn agent_secret(i: usize) -> String {
     format!("claims-agent-{i:03}")
 }
@@ -133,7 +150,8 @@ fn engine_yaml(args: &Args, db_url: &str) -> String {
     );
     for i in 0..args.agents {
         out.push_str(&format!(
-            "    - {{ name: agent-{i:03}, role: agent, secret: {}, queues: [{}], languages: [{languages}] }}\n",
+            "    - {{ name: {}, role: agent, secret: {}, queues: [{}], languages: [{languages}] }}\n",
+            agent_name(i),
             agent_secret(i),
             queues.join(", "),
         ));
@@ -217,24 +235,93 @@ impl AgentRun {
     }
 }
 
-/// One agent: claim, then close, until the queue is empty or `deadline`.
-async fn agent(base: String, secret: String, close: bool, deadline: Instant) -> AgentRun {
-    let mut run = AgentRun::default();
-    let client = match reqwest::Client::builder()
-        .pool_max_idle_per_host(1)
-        .tcp_nodelay(true)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            run.error(format!("building the HTTP client: {e}"));
-            return run;
+/// How an agent reaches the engine.
+enum Transport {
+    /// The HTTP API, on a keep-alive connection of its own.
+    Http {
+        client: reqwest::Client,
+        base: String,
+        secret: String,
+    },
+    /// `Engine::claim_next` and `Engine::close` in process (`--direct`): the engine without the HTTP layer.
+    Direct {
+        engine: Engine,
+        name: String,
+        queue_ids: Vec<i64>,
+        languages: Vec<String>,
+    },
+}
+
+impl Transport {
+    /// One claim: the contact's id (200) or `None` when nothing waits (204).
+    async fn claim(&self) -> anyhow::Result<Option<i64>> {
+        match self {
+            Self::Http {
+                client,
+                base,
+                secret,
+            } => {
+                let response = client
+                    .post(format!("{base}/v1/contacts/claim"))
+                    .bearer_auth(secret)
+                    .send()
+                    .await?;
+                match response.status() {
+                    reqwest::StatusCode::NO_CONTENT => Ok(None),
+                    reqwest::StatusCode::OK => {
+                        let contact: serde_json::Value = response.json().await?;
+                        let id = contact["id"].as_i64().with_context(|| {
+                            format!("a claimed contact without an id: {contact}")
+                        })?;
+                        Ok(Some(id))
+                    }
+                    status => bail!("{status} {}", response.text().await.unwrap_or_default()),
+                }
+            }
+            Self::Direct {
+                engine,
+                name,
+                queue_ids,
+                languages,
+            } => Ok(engine
+                .claim_next(name, queue_ids, languages)
+                .await?
+                .map(|c| c.id)),
         }
-    };
-    let claim_url = format!("{base}/v1/contacts/claim");
+    }
+
+    async fn close(&self, id: i64) -> anyhow::Result<()> {
+        match self {
+            Self::Http {
+                client,
+                base,
+                secret,
+            } => {
+                let response = client
+                    .post(format!("{base}/v1/contacts/{id}/close"))
+                    .bearer_auth(secret)
+                    .send()
+                    .await?;
+                let status = response.status();
+                if status != reqwest::StatusCode::OK {
+                    bail!("{status} {}", response.text().await.unwrap_or_default());
+                }
+                Ok(())
+            }
+            Self::Direct { engine, name, .. } => {
+                engine.close(id, Actor::Agent(name)).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One agent: claim, then close, until the queue is empty or `deadline`.
+async fn agent(transport: Transport, close: bool, deadline: Instant) -> AgentRun {
+    let mut run = AgentRun::default();
     while Instant::now() < deadline {
         let started = Instant::now();
-        let id = match claim(&client, &claim_url, &secret).await {
+        let id = match transport.claim().await {
             Ok(Some(id)) => id,
             Ok(None) => {
                 run.empty += 1;
@@ -251,44 +338,43 @@ async fn agent(base: String, secret: String, close: bool, deadline: Instant) -> 
             continue;
         }
         let started = Instant::now();
-        let url = format!("{base}/v1/contacts/{id}/close");
-        match post(&client, &url, &secret).await {
-            Ok(response) if response.status() == reqwest::StatusCode::OK => {
-                run.close_ms.push(started.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(response) => {
-                let status = response.status();
-                let body = response.text().await.unwrap_or_default();
-                run.error(format!("close {id}: {status} {body}"));
-            }
-            Err(e) => run.error(format!("close {id}: {e}")),
+        match transport.close(id).await {
+            Ok(()) => run.close_ms.push(started.elapsed().as_secs_f64() * 1e3),
+            Err(e) => run.error(format!("close {id}: {e:#}")),
         }
     }
     run
 }
 
-async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    secret: &str,
-) -> reqwest::Result<reqwest::Response> {
-    client.post(url).bearer_auth(secret).send().await
-}
-
-/// One claim: the contact's id (200) or `None` when nothing waits (204).
-async fn claim(client: &reqwest::Client, url: &str, secret: &str) -> anyhow::Result<Option<i64>> {
-    let response = post(client, url, secret).await?;
-    match response.status() {
-        reqwest::StatusCode::NO_CONTENT => Ok(None),
-        reqwest::StatusCode::OK => {
-            let contact: serde_json::Value = response.json().await?;
-            let id = contact["id"]
-                .as_i64()
-                .with_context(|| format!("a claimed contact without an id: {contact}"))?;
-            Ok(Some(id))
-        }
-        status => bail!("{status} {}", response.text().await.unwrap_or_default()),
+/// The transport of agent `i`.
+async fn transport(
+    args: &Args,
+    engine: &Engine,
+    base: &str,
+    i: usize,
+) -> anyhow::Result<Transport> {
+    if args.direct {
+        let dir = engine.queues().await;
+        return Ok(Transport::Direct {
+            engine: engine.clone(),
+            name: agent_name(i),
+            queue_ids: dir.by_name.values().map(|q| q.id).collect(),
+            languages: LANGUAGES[..args.languages]
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+        });
     }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .tcp_nodelay(true)
+        .build()
+        .context("building the HTTP client")?;
+    Ok(Transport::Http {
+        client,
+        base: base.to_owned(),
+        secret: agent_secret(i),
+    })
 }
 
 /// Claims and their events, read back from the database after the run.
@@ -328,24 +414,41 @@ async fn measure(args: &Args, db: &BenchDb, app: &mut Option<RunningApp>) -> any
 
     let seeded = Instant::now();
     seed(&engine, args).await.context("seeding contacts")?;
+    if !args.no_analyze {
+        // A backlog builds up over hours, during which autovacuum has analysed the table; a bulk load has not.
+        engine
+            .db
+            .execute_unprepared("ANALYZE contacts")
+            .await
+            .context("ANALYZE contacts")?;
+    }
     println!(
-        "claims benchmark: {} contacts seeded in {:.1} s over {} queues, {} languages and {} priorities; {} agents, \
-         {} database, close {}",
+        "claims benchmark: {} contacts seeded in {:.1} s over {} queues, {} languages and {} priorities{}; {} \
+         agents, {} database, close {}",
         thousands(args.contacts as f64),
         seeded.elapsed().as_secs_f64(),
         args.queues,
         args.languages,
         PRIORITIES.len(),
+        if args.no_analyze {
+            ", not analysed"
+        } else {
+            ""
+        },
         args.agents,
         args.db.as_str(),
         if args.close { "on" } else { "off" },
     );
 
+    let mut transports = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        transports.push(transport(args, &engine, &base, i).await?);
+    }
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.agents {
-        tasks.spawn(agent(base.clone(), agent_secret(i), args.close, deadline));
+    for transport in transports {
+        tasks.spawn(agent(transport, args.close, deadline));
     }
     let mut runs = Vec::with_capacity(args.agents);
     while let Some(done) = tasks.join_next().await {
@@ -403,8 +506,13 @@ fn report(
     let emptied = claimed.len() == args.contacts;
 
     let mut table = Table::new(format!(
-        "claims: {} agents over HTTP, {} contacts, {}, close {} ({} cores)",
+        "claims: {} agents {}, {} contacts, {}, close {} ({} cores)",
         args.agents,
+        if args.direct {
+            "in process (--direct)"
+        } else {
+            "over HTTP"
+        },
         thousands(args.contacts as f64),
         args.db.as_str(),
         if args.close { "on" } else { "off" },
@@ -481,8 +589,8 @@ fn report(
         ));
     }
     table.note(
-        "Latency is measured by the agents: HTTP request → response on a keep-alive connection. The agents, the \
-         engine and the database server share the machine's cores.",
+        "Latency is measured by the agents: HTTP request → response on a keep-alive connection (the engine call \
+         with --direct). The agents, the engine and the database server share the machine's cores.",
     );
     table.note(format!(
         "Load average (1/5/15 min) at the start {load_before}, at the end {}.",

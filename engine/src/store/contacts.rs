@@ -4,9 +4,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mailqueue_schema::entity::contact;
-use sea_orm::{ConnectionTrait, DbErr, EntityTrait, Value};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, Value};
 
-use super::{Backend, placeholders, stmt};
+use super::{
+    Backend,
+    events::{self, ContactEvent},
+    placeholders, stmt,
+};
 
 /// Fields of a new contact.
 #[derive(Debug, Clone)]
@@ -196,16 +200,18 @@ pub struct ClaimFilter<'a> {
     pub languages: &'a [String],
 }
 
-/// Claims the waiting contact with the lowest priority value, then the oldest, in one statement.
+/// Claims the waiting contact with the lowest priority value, then the oldest, in one statement, and logs `event`
+/// for it (see [`update_logged`]).
 ///
 /// PostgreSQL: `id = (SELECT … FOR UPDATE SKIP LOCKED)` runs the subquery once (an InitPlan); `IN (SELECT …)`
 /// may re-run it per row and claim many rows (see shared notes). SQLite runs one writer at a time, so the
 /// statement is atomic without row locks.
 pub async fn claim_next(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     filter: &ClaimFilter<'_>,
     agent: &str,
     lease: Duration,
+    event: &ContactEvent<'_>,
 ) -> Result<Option<contact::Model>, DbErr> {
     if filter.queue_ids.is_empty() {
         return Ok(None);
@@ -230,10 +236,7 @@ pub async fn claim_next(
          WHERE id = (SELECT id FROM contacts WHERE state = 'queued' AND queue_id IN ({queues}){language} \
          ORDER BY priority, queued_at, id LIMIT 1{lock}) RETURNING *"
     );
-    let rows = contact::Entity::find()
-        .from_raw_sql(stmt(db, &sql, values))
-        .all(db)
-        .await?;
+    let rows = update_logged(db, &sql, values, event).await?;
     if rows.len() > 1 {
         return Err(DbErr::Custom(format!(
             "claim_next updated {} rows; expected at most one",
@@ -310,20 +313,59 @@ pub async fn transfer(
     .await
 }
 
-/// Closes an open contact. `holder` restricts to the claiming agent.
+/// Closes an open contact and logs `event` for it (see [`update_logged`]). `holder` restricts to the claiming agent.
 pub async fn close(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     id: i64,
     holder: Option<&str>,
+    event: &ContactEvent<'_>,
 ) -> Result<Option<contact::Model>, DbErr> {
     let now = Utc::now();
-    one(
+    let rows = update_logged(
         db,
         "UPDATE contacts SET state = 'closed', closed_at = $3, claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL, updated_at = $3 \
          WHERE id = $1 AND state <> 'closed' AND ($2 IS NULL OR (state = 'claimed' AND claimed_by = $2)) RETURNING *",
-        [id.into(), holder.map(str::to_owned).into(), now.into()],
+        vec![id.into(), holder.map(str::to_owned).into(), now.into()],
+        event,
     )
-    .await
+    .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// Runs `update` (an `UPDATE contacts … RETURNING *` over `values`) and appends `event` for each contact it
+/// changed, atomically; the caller wakes event readers after it returns.
+///
+/// PostgreSQL: one statement, committed on its own — the update in a data-modifying CTE that feeds the events
+/// insert. That is one round trip instead of four (BEGIN, UPDATE, INSERT, COMMIT), which made a claim a quarter
+/// cheaper for the server and shorter for the client. SQLite has no data-modifying CTEs, and its statements are
+/// calls in process: a write transaction of the update and one insert per changed contact.
+async fn update_logged(
+    db: &DatabaseConnection,
+    update: &str,
+    mut values: Vec<Value>,
+    event: &ContactEvent<'_>,
+) -> Result<Vec<contact::Model>, DbErr> {
+    if Backend::of(db) == Backend::Postgres {
+        let log = events::insert_for_contacts("changed", "", values.len() + 1);
+        values.extend(event.values());
+        let sql = format!("WITH changed AS ({update}), logged AS ({log}) SELECT * FROM changed");
+        return contact::Entity::find()
+            .from_raw_sql(stmt(db, &sql, values))
+            .all(db)
+            .await;
+    }
+    let txn = super::begin_write(db).await?;
+    let rows = contact::Entity::find()
+        .from_raw_sql(stmt(&txn, update, values))
+        .all(&txn)
+        .await?;
+    let log = events::insert_for_contacts("contacts", " WHERE c.id = $5", 1);
+    for row in &rows {
+        let values = event.values().into_iter().chain([row.id.into()]);
+        txn.execute_raw(stmt(&txn, &log, values)).await?;
+    }
+    txn.commit().await?;
+    Ok(rows)
 }
 
 /// Re-opens a closed contact; its wait starts now.

@@ -5,12 +5,12 @@
 //! grow in the order rows became visible: a reader that resumes after `seq` N can never miss a row that committed
 //! late with a smaller id.
 //!
-//! On PostgreSQL a statement trigger on `events` (migration 0003) runs `pg_notify('mailqueue_events', '')`, so every
-//! commit that appended events wakes the readers of every instance (`events::spawn_listener`).
+//! On PostgreSQL each instance sends [`notify`] after it committed events (`events::spawn_notifier`), which wakes the
+//! readers of every instance (`events::spawn_listener`).
 
 use chrono::Utc;
 use mailqueue_schema::entity::event;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, Value};
 
 use super::{Backend, begin_write, stmt};
 
@@ -38,6 +38,45 @@ pub async fn insert(db: &impl ConnectionTrait, e: NewEvent<'_>) -> Result<(), Db
         ],
     ))
     .await?;
+    Ok(())
+}
+
+/// The event logged for each contact a statement changes (`contacts::claim_next`, `contacts::close`).
+#[derive(Debug, Clone)]
+pub struct ContactEvent<'a> {
+    pub kind: &'a str,
+    pub actor: &'a str,
+    pub data: serde_json::Value,
+}
+
+impl ContactEvent<'_> {
+    /// The values of the placeholders of [`insert_for_contacts`]: kind, actor, data, creation time.
+    pub fn values(&self) -> [Value; 4] {
+        [
+            self.kind.into(),
+            self.actor.into(),
+            self.data.clone().into(),
+            Utc::now().into(),
+        ]
+    }
+}
+
+/// `INSERT INTO events … SELECT …` of one [`ContactEvent`] per row of `contacts` — a relation with the columns of
+/// `contacts` (the table, or a data-modifying CTE's `RETURNING *`), aliased `c` and narrowed by `filter` — named with
+/// the contact's queue. `$first` to `$first + 3` are [`ContactEvent::values`].
+pub fn insert_for_contacts(contacts: &str, filter: &str, first: usize) -> String {
+    let [kind, actor, data, at] = [first, first + 1, first + 2, first + 3];
+    format!(
+        "INSERT INTO events (kind, contact_id, queue, actor, data, created_at) \
+         SELECT ${kind}, c.id, q.name, ${actor}, ${data}, ${at} FROM {contacts} c \
+         LEFT JOIN queues q ON q.id = c.queue_id{filter}"
+    )
+}
+
+/// `NOTIFY channel` in a transaction of its own (PostgreSQL only).
+pub async fn notify(db: &impl ConnectionTrait, channel: &str) -> Result<(), DbErr> {
+    db.execute_raw(stmt(db, "SELECT pg_notify($1, '')", [channel.into()]))
+        .await?;
     Ok(())
 }
 

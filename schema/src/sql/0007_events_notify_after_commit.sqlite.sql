@@ -1,0 +1,2 @@
+-- PostgreSQL only (the events NOTIFY trigger); SQLite has none. Kept so both backends share versions.
+SELECT 1
