@@ -224,7 +224,11 @@ impl Worker {
             }
             if reload {
                 reload = false;
-                outgoing = Outgoing::from_config(&*self.engine.config().await);
+                let config = self.engine.config().await;
+                // An unchanged outgoing server keeps its sender: its pooled connections and its token.
+                if config.outgoing_server.as_ref() != outgoing.as_ref().map(|o| &o.server) {
+                    outgoing = Outgoing::from_config(&config);
+                }
             }
             if last_sweep.is_none_or(|t| t.elapsed() >= sweep_every) {
                 last_sweep = Some(Instant::now());
