@@ -23,7 +23,9 @@
 //!
 //! The remaining window is at-least-once in one case only: the server accepted the message (`250` after DATA)
 //! and the worker could not record `sent` (crash, database down) — then the row stays in `sending`, expires and
-//! is marked failed, and an agent who resends creates a second copy. Nothing is resent automatically.
+//! is marked failed, and an agent who resends creates a second copy. Nothing is resent automatically. The `sent`
+//! record commits asynchronously on PostgreSQL ([`store::commit_asynchronously`]): a database server crash within
+//! about 200 ms after it falls into the same window, with the same outcome.
 
 use std::{
     sync::{Arc, Mutex, OnceLock, PoisonError},
