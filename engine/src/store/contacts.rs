@@ -231,9 +231,17 @@ pub async fn claim_next(
         Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         Backend::Sqlite => "",
     };
+    // SQLite plans without statistics (nothing runs ANALYZE): over several queues it read every waiting contact of
+    // them through the per-queue index and sorted them, per claim (54 claims/s with 50,000 waiting). `+queue_id`
+    // keeps that index out, so the claim walks the claim-order index and stops at the first match. One queue keeps
+    // the per-queue index, which is in claim order too. PostgreSQL chooses by its statistics (autovacuum).
+    let queue_id = match Backend::of(db) {
+        Backend::Sqlite if filter.queue_ids.len() > 1 => "+queue_id",
+        _ => "queue_id",
+    };
     let sql = format!(
         "UPDATE contacts SET state = 'claimed', claimed_by = $1, claimed_at = $2, lease_expires_at = $3, updated_at = $2 \
-         WHERE id = (SELECT id FROM contacts WHERE state = 'queued' AND queue_id IN ({queues}){language} \
+         WHERE id = (SELECT id FROM contacts WHERE state = 'queued' AND {queue_id} IN ({queues}){language} \
          ORDER BY priority, queued_at, id LIMIT 1{lock}) RETURNING *"
     );
     let rows = update_logged(db, &sql, values, event).await?;
