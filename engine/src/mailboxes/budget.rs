@@ -16,9 +16,9 @@ use std::sync::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The budget of a process: 4 MiB of mail in flight across all mailboxes (two full batches, or about five
-/// batches of 256 ordinary mails of 6 KB); with its copies that is about 25 MB at most.
-pub const DEFAULT_BYTES: u64 = 4 * 1024 * 1024;
+/// The budget of a process: 3 MiB of mail in flight across all mailboxes (two batches of 256 ordinary mails of
+/// 6 KB: one stored while the next is downloaded); with its parsed and encoded copies about 20 MB.
+pub const DEFAULT_BYTES: u64 = 3 * 1024 * 1024;
 /// Permits are counted in KiB (a tokio semaphore takes at most `u32` permits per request).
 const UNIT: u64 = 1024;
 

@@ -10,7 +10,7 @@
 //! (1 s → 5 min) and starts another. Shutdown cancels IDLE and the waits; a batch being stored finishes first.
 //!
 //! **A fetch** reads the folder's `(UIDVALIDITY, last UID)` cursor and asks for the sizes of the newer UIDs, then
-//! works in batches (at most 256 mails and 4 MiB, taken from the process's byte budget before the download and
+//! works in batches (at most 256 mails and 2 MiB, taken from the process's byte budget before the download and
 //! given back once stored, see [`super::budget`]): mail over `defaults.max_email_size_mb` is never downloaded —
 //! it is quarantined from its headers with a reason naming its size; the rest is downloaded whole. The batch is
 //! stored with [`Engine::ingest_batch`] together with the cursor at the batch's last UID, in one transaction, and
@@ -62,9 +62,9 @@ pub const IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
 /// At most this many mails per batch: a power of two, so that a batch of new mail is one multi-row insert per
 /// table (`store::pow2_chunks` splits other counts into several statements).
 pub const BATCH_MAILS: usize = 256;
-/// At most this many bytes of mail per batch (a single larger mail still makes a batch of its own): half the
-/// process's [`budget`](super::budget), so that two batches can be in flight.
-pub const BATCH_BYTES: u64 = super::budget::DEFAULT_BYTES / 2;
+/// At most this many bytes of mail per batch (a single larger mail still makes a batch of its own): room for a
+/// full batch of ordinary mail (256 × 6 KB), within the process's [`budget`](super::budget).
+pub const BATCH_BYTES: u64 = 2 * 1024 * 1024;
 /// First wait after a failure; doubled per failure in a row.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest wait after failures.
