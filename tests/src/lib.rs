@@ -726,3 +726,47 @@ impl TestApp {
         self.db
     }
 }
+
+/// The address a `mailqueue serve` process (started with `--log-format json`, its stderr in `log`) listens on,
+/// read from its `mailqueue API listening on …` log line. Configure such processes with `listen: 127.0.0.1:0`: no
+/// port is picked before the process binds it, so a connection opened meanwhile (by this or a parallel test) can
+/// never take it. Panics with the log if the process exits first or `within` passes.
+pub async fn serve_addr(
+    child: &mut std::process::Child,
+    log: &Path,
+    within: std::time::Duration,
+) -> std::net::SocketAddr {
+    let logs = || std::fs::read_to_string(log).unwrap_or_default();
+    eventually("mailqueue serve to listen", within, async || {
+        if let Some(status) = child.try_wait().expect("wait for mailqueue serve") {
+            panic!("mailqueue serve exited with {status}:\n{}", logs());
+        }
+        listening_addr(&logs())
+    })
+    .await
+}
+
+/// The `addr` of the first `mailqueue API listening on` line in a JSON log.
+fn listening_addr(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .filter(|line| line.contains("mailqueue API listening on"))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find_map(|event| event["addr"].as_str()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listening_addr_reads_the_json_log_line() {
+        let log = concat!(
+            r#"{"timestamp":"t","level":"INFO","message":"migrated"}"#,
+            "\n",
+            r#"{"timestamp":"t","level":"INFO","message":"mailqueue API listening on http://127.0.0.1:41234","addr":"127.0.0.1:41234"}"#,
+        );
+        assert_eq!(
+            super::listening_addr(log),
+            Some("127.0.0.1:41234".parse().unwrap())
+        );
+        assert_eq!(super::listening_addr("not json"), None);
+    }
+}

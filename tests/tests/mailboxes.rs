@@ -446,14 +446,6 @@ async fn refused_imap_logins_show_the_exchange_checklist() {
 
 // ---- Exactly once: a crash between the commit and `\Seen` ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn serve(config: &Path, log: &Path, failpoint: bool) -> Child {
     let log = std::fs::File::create(log).unwrap();
     let mut command = Command::new(mailqueue_bin());
@@ -491,9 +483,7 @@ async fn crash_between_commit_and_seen(kind: Kind) {
     let sb = Sandbox::shared().await;
     let db = TestDb::new(kind).await;
     let mailbox = sb.new_mailbox("crash");
-    let port = free_port();
     let mut config = SandboxConfig::empty(sb, &db.url);
-    config.listen = format!("127.0.0.1:{port}");
     config.servers = vec![SbServer::service(sb, "svc")];
     config.queues = vec![SbQueue::new(
         "support",
@@ -534,6 +524,9 @@ async fn crash_between_commit_and_seen(kind: Kind) {
     // Run 2 finishes the job: \Seen, and no second contact.
     let log2 = dir.path().join("run2.log");
     let mut child = serve(&path, &log2, false);
+    let port = mailqueue_tests::serve_addr(&mut child, &log2, WAIT)
+        .await
+        .port();
     let waited = tokio::time::timeout(WAIT, wait_all_seen(sb, &mailbox, 1)).await;
     let client = reqwest::Client::new();
     let status = async || -> Option<Json> {

@@ -306,14 +306,6 @@ async fn an_engine_without_a_file_refuses_to_reload() {
 
 // ---- SIGHUP to the real binary, with sandbox mailboxes ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn serve(config: &Path, log: &Path) -> Child {
     let log = std::fs::File::create(log).unwrap();
     Command::new(mailqueue_bin())
@@ -378,9 +370,7 @@ async fn sighup_adds_a_queue_whose_mail_flows(kind: Kind) {
     let db = TestDb::new(kind).await;
     let support = sb.new_mailbox(&unique("reload-support"));
     let billing = sb.new_mailbox(&unique("reload-billing"));
-    let port = free_port();
     let mut config = SandboxConfig::empty(sb, &db.url);
-    config.listen = format!("127.0.0.1:{port}");
     config.servers = vec![SbServer::service(sb, "svc")];
     config.queues = vec![SbQueue::new(
         "support",
@@ -391,6 +381,9 @@ async fn sighup_adds_a_queue_whose_mail_flows(kind: Kind) {
     let (dir, path) = config_file(&config.yaml());
     let log = dir.path().join("serve.log");
     let mut child = serve(&path, &log);
+    let port = mailqueue_tests::serve_addr(&mut child, &log, WAIT)
+        .await
+        .port();
     let client = reqwest::Client::new();
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     eventually("the engine serves", WAIT, async || {

@@ -227,7 +227,8 @@ async fn the_events_listener_reconnects_when_its_connection_drops() {
 
 // ---- Real processes ----
 
-/// One `mailqueue serve` process with its own port, configuration file and log (stderr).
+/// One `mailqueue serve` process with its own configuration file and log (stderr). It listens on a port the
+/// kernel picks (`127.0.0.1:0`), known once [`Instance::ready`] read it from the log.
 struct Instance {
     name: &'static str,
     child: Child,
@@ -237,9 +238,8 @@ struct Instance {
 
 impl Instance {
     fn start(dir: &Path, name: &'static str, yaml: impl Fn(u16) -> String) -> Self {
-        let port = free_port();
         let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, yaml(port)).unwrap();
+        std::fs::write(&config, yaml(0)).unwrap();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(mailqueue_bin())
             .args(["--log-format", "json", "serve", "--config"])
@@ -253,7 +253,7 @@ impl Instance {
         Self {
             name,
             child,
-            port,
+            port: 0,
             log,
         }
     }
@@ -263,6 +263,7 @@ impl Instance {
     }
 
     fn url(&self, path: &str) -> String {
+        assert_ne!(self.port, 0, "{} is not ready yet", self.name);
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
@@ -272,6 +273,9 @@ impl Instance {
 
     /// Waits until the API answers; fails with the log if the process exited.
     async fn ready(&mut self, client: &reqwest::Client) {
+        self.port = mailqueue_tests::serve_addr(&mut self.child, &self.log, WAIT)
+            .await
+            .port();
         let what = format!("{} to answer /healthz", self.name);
         eventually(&what, WAIT, async || {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -320,14 +324,6 @@ impl Drop for Instance {
             let _ = self.child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The configuration text with a short mailbox lease (the sandbox configuration sets the other defaults).
