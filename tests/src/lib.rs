@@ -754,6 +754,45 @@ fn listening_addr(log: &str) -> Option<std::net::SocketAddr> {
         .find_map(|event| event["addr"].as_str()?.parse().ok())
 }
 
+/// Starts `mailqueue serve --config CONFIG` (the real binary) with JSON logs at `info` written to `log`, with the
+/// failpoint `failpoint` armed (`MAILQUEUE_FAILPOINT`, see the engine's failpoints) or none.
+pub fn serve(config: &Path, log: &Path, failpoint: Option<&str>) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let log = std::fs::File::create(log).expect("create the log file");
+    let mut command = Command::new(mailqueue_bin());
+    command
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
+    match failpoint {
+        Some(name) => command.env("MAILQUEUE_FAILPOINT", name),
+        None => command.env_remove("MAILQUEUE_FAILPOINT"),
+    };
+    command.spawn().expect("start mailqueue serve")
+}
+
+/// Waits until `child` exits; panics with its log after `within`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    log: &Path,
+    within: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for mailqueue serve") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mailqueue serve did not exit within {within:?}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

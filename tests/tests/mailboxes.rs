@@ -4,7 +4,7 @@
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -12,7 +12,7 @@ use mailqueue_engine::store::stmt;
 use mailqueue_sandbox::{Sandbox, maildir};
 use mailqueue_tests::{
     Kind, SandboxConfig, SbAddress, SbQueue, SbServer, TestApp, TestDb, both_backends, eventually,
-    folder_uids, inspect, mail, mailqueue_bin, spawn_app_with,
+    folder_uids, inspect, mail, spawn_app_with,
 };
 use sea_orm::{ConnectionTrait, DatabaseConnection, Value};
 use serde_json::Value as Json;
@@ -446,38 +446,6 @@ async fn refused_imap_logins_show_the_exchange_checklist() {
 
 // ---- Exactly once: a crash between the commit and `\Seen` ----
 
-fn serve(config: &Path, log: &Path, failpoint: bool) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    let mut command = Command::new(mailqueue_bin());
-    command
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log);
-    if failpoint {
-        command.env("MAILQUEUE_FAILPOINT", "after_ingest_commit");
-    } else {
-        command.env_remove("MAILQUEUE_FAILPOINT");
-    }
-    command.spawn().expect("start mailqueue serve")
-}
-
-async fn wait_exit(child: &mut Child, log: &Path) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mailqueue serve did not exit:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn crash_between_commit_and_seen(kind: Kind) {
     use std::os::unix::process::ExitStatusExt as _;
     let sb = Sandbox::shared().await;
@@ -499,8 +467,8 @@ async fn crash_between_commit_and_seen(kind: Kind) {
 
     // Run 1 stores the mail and dies before marking it \Seen.
     let log1 = dir.path().join("run1.log");
-    let mut child = serve(&path, &log1, true);
-    let status = wait_exit(&mut child, &log1).await;
+    let mut child = mailqueue_tests::serve(&path, &log1, Some("after_ingest_commit"));
+    let status = mailqueue_tests::wait_exit(&mut child, &log1, WAIT).await;
     let logs = std::fs::read_to_string(&log1).unwrap_or_default();
     assert_eq!(
         status.signal(),
@@ -523,7 +491,7 @@ async fn crash_between_commit_and_seen(kind: Kind) {
 
     // Run 2 finishes the job: \Seen, and no second contact.
     let log2 = dir.path().join("run2.log");
-    let mut child = serve(&path, &log2, false);
+    let mut child = mailqueue_tests::serve(&path, &log2, None);
     let port = mailqueue_tests::serve_addr(&mut child, &log2, WAIT)
         .await
         .port();
@@ -546,7 +514,7 @@ async fn crash_between_commit_and_seen(kind: Kind) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let exit = wait_exit(&mut child, &log2).await;
+    let exit = mailqueue_tests::wait_exit(&mut child, &log2, WAIT).await;
     let logs = std::fs::read_to_string(&log2).unwrap_or_default();
     assert!(
         waited.is_ok(),

@@ -956,45 +956,6 @@ async fn from_falls_back_to_another_sender_address_or_the_agents_choice() {
 
 // ---- At most one copy: the real binary killed mid-send ----
 
-fn serve(
-    config: &std::path::Path,
-    log: &std::path::Path,
-    failpoint: Option<&str>,
-) -> std::process::Child {
-    use std::process::{Command, Stdio};
-    let log = std::fs::File::create(log).expect("log file");
-    let mut command = Command::new(mailqueue_tests::mailqueue_bin());
-    command
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log);
-    match failpoint {
-        Some(name) => command.env("MAILQUEUE_FAILPOINT", name),
-        None => command.env_remove("MAILQUEUE_FAILPOINT"),
-    };
-    command.spawn().expect("start mailqueue serve")
-}
-
-async fn wait_exit(
-    child: &mut std::process::Child,
-    log: &std::path::Path,
-) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mailqueue serve did not exit:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Runs `mailqueue serve` with `failpoint` armed over one stored reply, which makes the process abort mid-send;
 /// then restarts it. `accepted`: whether the failpoint fires after the server accepted the reply. After the restart
 /// the interrupted reply is failed as "outcome unknown" and never sent again (the sent index holds exactly the
@@ -1013,8 +974,8 @@ async fn killed_mid_send(kind: Kind, failpoint: &str, accepted: bool) {
     let interrupted = seeded_reply(&engine, "Interrupted.").await;
 
     let log1 = dir.path().join("run1.log");
-    let mut child = serve(&path, &log1, Some(failpoint));
-    let status = wait_exit(&mut child, &log1).await;
+    let mut child = mailqueue_tests::serve(&path, &log1, Some(failpoint));
+    let status = mailqueue_tests::wait_exit(&mut child, &log1, WAIT).await;
     let logs = std::fs::read_to_string(&log1).unwrap_or_default();
     assert_eq!(
         status.signal(),
@@ -1048,13 +1009,13 @@ async fn killed_mid_send(kind: Kind, failpoint: &str, accepted: bool) {
         .expect("lease ran out");
 
     let log2 = dir.path().join("run2.log");
-    let mut child = serve(&path, &log2, None);
+    let mut child = mailqueue_tests::serve(&path, &log2, None);
     let failed = tokio::time::timeout(WAIT, wait_state(&engine, interrupted.id, "failed")).await;
     let sent = tokio::time::timeout(WAIT, wait_state(&engine, waiting.id, "sent")).await;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let exit = wait_exit(&mut child, &log2).await;
+    let exit = mailqueue_tests::wait_exit(&mut child, &log2, WAIT).await;
     let logs = std::fs::read_to_string(&log2).unwrap_or_default();
     let (_, attempts, error) =
         failed.unwrap_or_else(|_| panic!("not failed after restart:\n{logs}"));

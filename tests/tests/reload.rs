@@ -4,15 +4,15 @@
 //! their contacts, and keeps settings that need a restart. On PostgreSQL and SQLite.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    path::PathBuf,
+    process::{Child, Command},
+    time::Duration,
 };
 
 use mailqueue_sandbox::Sandbox;
 use mailqueue_tests::{
     Kind, SandboxConfig, SbAddress, SbQueue, SbServer, TestApp, TestDb, both_backends, config_yaml,
-    eventually, mail, mailqueue_bin, seed_contact, spawn_app_from_file, spawn_app_with,
+    eventually, mail, seed_contact, spawn_app_from_file, spawn_app_with,
 };
 use serde_json::Value as Json;
 
@@ -306,40 +306,12 @@ async fn an_engine_without_a_file_refuses_to_reload() {
 
 // ---- SIGHUP to the real binary, with sandbox mailboxes ----
 
-fn serve(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(mailqueue_bin())
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .env_remove("MAILQUEUE_FAILPOINT")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start mailqueue serve")
-}
-
 fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
         .args([format!("-{name}"), child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success(), "kill -{name}");
-}
-
-async fn wait_exit(child: &mut Child, log: &Path) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mailqueue serve did not exit:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `GET path` as admin on the binary's port; `None` until it answers 200.
@@ -380,7 +352,7 @@ async fn sighup_adds_a_queue_whose_mail_flows(kind: Kind) {
     )];
     let (dir, path) = config_file(&config.yaml());
     let log = dir.path().join("serve.log");
-    let mut child = serve(&path, &log);
+    let mut child = mailqueue_tests::serve(&path, &log, None);
     let port = mailqueue_tests::serve_addr(&mut child, &log, WAIT)
         .await
         .port();
@@ -452,6 +424,6 @@ async fn sighup_adds_a_queue_whose_mail_flows(kind: Kind) {
     assert_eq!(waiting_in(&client, port, "support").await, Some(0));
 
     signal(&child, "TERM");
-    let status = wait_exit(&mut child, &log).await;
+    let status = mailqueue_tests::wait_exit(&mut child, &log, WAIT).await;
     assert!(status.success(), "{status:?}\n{}", logs());
 }
