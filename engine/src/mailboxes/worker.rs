@@ -15,9 +15,11 @@
 //! it is quarantined from its headers with a reason naming its size; the rest is downloaded whole. The batch is
 //! stored with [`Engine::ingest_batch`] together with the cursor at the batch's last UID, in one transaction, and
 //! only then acted on at the server: quarantined mail is moved to `ingest.quarantine_folder` (created if missing),
-//! the rest marked `\Seen`, moved or deleted as the address's `after_fetch` says. The source key of a mail is
-//! `imap:<address>:<uidvalidity>:<uid>`: a batch stored again (a crash between the commit and the server actions)
-//! changes nothing.
+//! the rest marked `\Seen`, moved or deleted as the address's `after_fetch` says. The next batch is downloaded
+//! while one is stored (two batches in flight per worker at most; the session runs one command at a time), so the
+//! download and the transaction overlap; a batch that fails to store is not acted on and the next one is dropped.
+//! The source key of a mail is `imap:<address>:<uidvalidity>:<uid>`: a batch stored again (a crash between the
+//! commit and the server actions) changes nothing.
 //!
 //! **Finishing interrupted batches.** When a worker starts, and after a failed session, mail at or below the
 //! cursor that the server still shows as not acted on (unseen for `seen`, still in the folder for `move` and
@@ -43,11 +45,11 @@ use mailqueue_connectors::{
 };
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::Instrument as _;
 
 use super::{
-    budget::ByteBudget,
+    budget::{ByteBudget, Taken},
     leases::LeaseGuard,
     status::{MailboxError, MailboxState, StatusHandle},
 };
@@ -282,6 +284,31 @@ struct Live {
     folders: HashSet<String>,
 }
 
+/// A batch downloaded and not yet stored. Its bytes count against the process's budget until it is dropped.
+struct Downloaded {
+    uidvalidity: u32,
+    /// How many mails the batch has, and the last UID (for the status).
+    mails: usize,
+    last_uid: Option<u32>,
+    /// `(uid, size)` of the mail over the size limit: only its headers are downloaded.
+    big: Vec<(u32, u32)>,
+    bodies: Vec<FetchedMail>,
+    headers: Vec<FetchedHeader>,
+    _in_flight: Taken,
+}
+
+/// A stored batch: what is left to do at the server, and the figures to report.
+struct Stored {
+    mails: usize,
+    last_uid: Option<u32>,
+    stored: u64,
+    quarantined: u64,
+    /// Mail to act on as `after_fetch` says.
+    done: Vec<u32>,
+    /// Mail to move to the quarantine folder.
+    to_quarantine: Vec<u32>,
+}
+
 /// One mailbox's worker. Cheap to clone (the supervisor restarts a worker from a clone).
 #[derive(Clone)]
 pub struct Worker {
@@ -483,21 +510,57 @@ impl Worker {
             .await
             .map_err(|e| MailboxError::imap(&e))?;
         let max = self.settings.max_bytes;
+        // One batch is stored (in a task of its own, so that parsing runs beside the download) while the next is
+        // downloaded: the session runs one command at a time, and acts on a batch only once it is stored.
+        let mut pending: Option<(Downloaded, Cursor)> = None;
         for batch in batches(
             &new,
             self.settings.batch_mails,
             self.settings.batch_bytes,
             |size| oversize_weight(size, max),
         ) {
-            let last_uid = batch.last().map_or(last, |b| b.0);
-            let cursor = self.cursor(uv, last_uid);
-            self.batch(imap, live, batch, Some(cursor), false).await?;
+            let cursor = self.cursor(uv, batch.last().map_or(last, |b| b.0));
+            let downloaded = match pending.take() {
+                None => self.download(imap, uv, batch).await?,
+                Some((previous, previous_cursor)) => {
+                    let storing = self.spawn_store(previous, previous_cursor.clone());
+                    let (stored, next) = tokio::join!(storing, self.download(imap, uv, batch));
+                    // A failed store acts on nothing and drops the next batch (the cursor did not move).
+                    let stored = stored?;
+                    let next = next?;
+                    self.finish(imap, live, stored).await?;
+                    live.cursor = Some((uv, previous_cursor.last_uid as u32));
+                    if self.stop.is_cancelled() {
+                        return Ok(false);
+                    }
+                    next
+                }
+            };
+            pending = Some((downloaded, cursor));
+        }
+        if let Some((downloaded, cursor)) = pending {
+            let last_uid = cursor.last_uid as u32;
+            let stored = self.store(downloaded, Some(cursor), false).await?;
+            self.finish(imap, live, stored).await?;
             live.cursor = Some((uv, last_uid));
-            if self.stop.is_cancelled() {
-                return Ok(false);
-            }
         }
         Ok(true)
+    }
+
+    /// Stores a batch in a task of its own (aborted, rolling back, if the worker is dropped meanwhile).
+    async fn spawn_store(
+        &self,
+        downloaded: Downloaded,
+        cursor: Cursor,
+    ) -> Result<Stored, MailboxError> {
+        let worker = self.clone();
+        let task = AbortOnDropHandle::new(tokio::spawn(
+            async move { worker.store(downloaded, Some(cursor), false).await }
+                .instrument(tracing::Span::current()),
+        ));
+        task.await.map_err(|e| {
+            MailboxError::store(&anyhow::anyhow!("storing the batch failed: {e}").into())
+        })?
     }
 
     fn cursor(&self, uidvalidity: u32, last_uid: u32) -> Cursor {
@@ -580,7 +643,7 @@ impl Worker {
         Ok(true)
     }
 
-    /// Stores one batch, then acts on the server. See the module doc.
+    /// Downloads, stores and then acts on one batch, one step after the other (resynchronisation).
     async fn batch(
         &self,
         imap: &mut MailboxSession,
@@ -589,48 +652,72 @@ impl Worker {
         cursor: Option<Cursor>,
         resync: bool,
     ) -> Result<(), MailboxError> {
-        let mailbox = &*self.mailbox;
-        let uv = live.uidvalidity;
+        let downloaded = self.download(imap, live.uidvalidity, batch).await?;
+        let stored = self.store(downloaded, cursor, resync).await?;
+        self.finish(imap, live, stored).await
+    }
+
+    /// Takes the batch's bytes from the process's budget, then downloads its mail (only the headers of mail over
+    /// the size limit).
+    async fn download(
+        &self,
+        imap: &mut MailboxSession,
+        uidvalidity: u32,
+        batch: &[(u32, u32)],
+    ) -> Result<Downloaded, MailboxError> {
         let max = self.settings.max_bytes;
-        let big: Vec<(u32, u32)> = batch
+        let (big, small): (Vec<_>, Vec<_>) = batch
             .iter()
             .copied()
-            .filter(|(_, size)| u64::from(*size) > max)
-            .collect();
-        let small_uids: Vec<u32> = batch
-            .iter()
-            .filter(|(_, size)| u64::from(*size) <= max)
-            .map(|s| s.0)
-            .collect();
+            .partition(|(_, size)| u64::from(*size) > max);
+        let small_uids: Vec<u32> = small.iter().map(|s| s.0).collect();
         let big_uids: Vec<u32> = big.iter().map(|b| b.0).collect();
-        // Downloaded mail counts against the process's budget until this batch is stored and acted on.
-        let bytes: u64 = batch
-            .iter()
-            .filter(|(_, size)| u64::from(*size) <= max)
-            .map(|(_, size)| u64::from(*size))
-            .sum();
-        let _in_flight = ByteBudget::shared().take(bytes).await;
-        let bodies: Vec<FetchedMail> = if small_uids.is_empty() {
+        // Downloaded mail counts against the process's budget until this batch is stored.
+        let bytes: u64 = small.iter().map(|(_, size)| u64::from(*size)).sum();
+        let in_flight = ByteBudget::shared().take(bytes).await;
+        let bodies = if small_uids.is_empty() {
             Vec::new()
         } else {
             imap.fetch_bodies(&small_uids)
                 .await
                 .map_err(|e| MailboxError::imap(&e))?
         };
-        let headers: Vec<FetchedHeader> = if big_uids.is_empty() {
+        let headers = if big_uids.is_empty() {
             Vec::new()
         } else {
             imap.fetch_headers(&big_uids)
                 .await
                 .map_err(|e| MailboxError::imap(&e))?
         };
+        Ok(Downloaded {
+            uidvalidity,
+            mails: batch.len(),
+            last_uid: batch.last().map(|b| b.0),
+            big,
+            bodies,
+            headers,
+            _in_flight: in_flight,
+        })
+    }
+
+    /// Stores a downloaded batch (with `cursor`, in one transaction) and gives its bytes back to the budget.
+    /// Touches only the database: what is left to do at the server is in the returned [`Stored`].
+    async fn store(
+        &self,
+        downloaded: Downloaded,
+        cursor: Option<Cursor>,
+        resync: bool,
+    ) -> Result<Stored, MailboxError> {
+        let mailbox = &*self.mailbox;
+        let uv = downloaded.uidvalidity;
+        let (bodies, headers, big) = (&downloaded.bodies, &downloaded.headers, &downloaded.big);
 
         // Mail to act on as `after_fetch` says, and mail to move to the quarantine folder.
         let mut done: Vec<u32> = Vec::new();
         let mut to_quarantine: Vec<u32> = Vec::new();
         let mut skip: HashSet<u32> = HashSet::new();
         if resync {
-            skip = self.stored_by_message_id(&bodies, &headers).await?;
+            skip = self.stored_by_message_id(bodies, headers).await?;
             done.extend(skip.iter().copied());
         }
 
@@ -699,19 +786,43 @@ impl Worker {
                 }
             }
         }
-        self.act(imap, live, &mut done, &mut to_quarantine).await?;
-        if let Some(&(last_uid, _)) = batch.last() {
+        Ok(Stored {
+            mails: downloaded.mails,
+            last_uid: downloaded.last_uid,
+            stored,
+            quarantined,
+            done,
+            to_quarantine,
+        })
+    }
+
+    /// Acts on a stored batch at the server, and reports it.
+    async fn finish(
+        &self,
+        imap: &mut MailboxSession,
+        live: &mut Live,
+        mut batch: Stored,
+    ) -> Result<(), MailboxError> {
+        self.act(imap, live, &mut batch.done, &mut batch.to_quarantine)
+            .await?;
+        let Stored {
+            mails,
+            stored,
+            quarantined,
+            ..
+        } = batch;
+        if let Some(last_uid) = batch.last_uid {
             self.status.stored(stored, quarantined, last_uid);
         }
         if stored + quarantined > 0 {
             tracing::info!(
-                mails = batch.len(),
+                mails,
                 stored,
                 quarantined,
                 "fetched {stored} new mail(s), quarantined {quarantined}"
             );
         } else {
-            tracing::debug!(mails = batch.len(), "batch already stored; acted on");
+            tracing::debug!(mails, "batch already stored; acted on");
         }
         Ok(())
     }
