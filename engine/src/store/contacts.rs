@@ -25,26 +25,30 @@ pub struct NewContact {
     pub queued_at: DateTime<Utc>,
 }
 
+/// The `INSERT` of one new contact (state `queued`), its values from [`insert_values`]; callers add `RETURNING`.
+const INSERT_ONE: &str = "INSERT INTO contacts (queue_id, state, priority, language, arrived_on, customer_address, \
+     customer_name, subject, queued_at, created_at, updated_at) \
+     VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $9)";
+
+fn insert_values(c: NewContact, now: DateTime<Utc>) -> [Value; 9] {
+    [
+        c.queue_id.into(),
+        c.priority.into(),
+        c.language.into(),
+        c.arrived_on.into(),
+        c.customer_address.into(),
+        c.customer_name.into(),
+        c.subject.into(),
+        c.queued_at.into(),
+        now.into(),
+    ]
+}
+
 pub async fn insert(db: &impl ConnectionTrait, c: NewContact) -> Result<contact::Model, DbErr> {
-    let now = Utc::now();
-    one(
-        db,
-        "INSERT INTO contacts (queue_id, state, priority, language, arrived_on, customer_address, customer_name, \
-         subject, queued_at, created_at, updated_at) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
-        [
-            c.queue_id.into(),
-            c.priority.into(),
-            c.language.into(),
-            c.arrived_on.into(),
-            c.customer_address.into(),
-            c.customer_name.into(),
-            c.subject.into(),
-            c.queued_at.into(),
-            now.into(),
-        ],
-    )
-    .await?
-    .ok_or_else(|| DbErr::RecordNotInserted)
+    let sql = format!("{INSERT_ONE} RETURNING *");
+    one(db, &sql, insert_values(c, Utc::now()))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotInserted)
 }
 
 pub async fn get(db: &impl ConnectionTrait, id: i64) -> Result<Option<contact::Model>, DbErr> {
@@ -109,26 +113,11 @@ pub async fn insert_many(
     }
     let now = Utc::now();
     if Backend::of(db) == Backend::Sqlite {
+        let sql = format!("{INSERT_ONE} RETURNING id");
         let mut ids = Vec::with_capacity(contacts.len());
         for c in contacts {
             let row = db
-                .query_one_raw(stmt(
-                    db,
-                    "INSERT INTO contacts (queue_id, state, priority, language, arrived_on, customer_address, \
-                     customer_name, subject, queued_at, created_at, updated_at) \
-                     VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING id",
-                    [
-                        c.queue_id.into(),
-                        c.priority.into(),
-                        c.language.into(),
-                        c.arrived_on.into(),
-                        c.customer_address.into(),
-                        c.customer_name.into(),
-                        c.subject.into(),
-                        c.queued_at.into(),
-                        now.into(),
-                    ],
-                ))
+                .query_one_raw(stmt(db, &sql, insert_values(c, now)))
                 .await?
                 .ok_or(DbErr::RecordNotInserted)?;
             ids.push(row.try_get::<i64>("", "id")?);
