@@ -192,23 +192,26 @@ pub struct TestApp {
 /// Starts a [`TestApp`] on `kind`.
 pub async fn spawn_app(kind: Kind) -> TestApp {
     let db = TestDb::new(kind).await;
-    let running = mailqueue_engine::startup::spawn(parse_config(&config_yaml(&db.url)))
-        .await
-        .expect("app starts");
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .expect("HTTP client");
-    TestApp {
-        addr: running.addr,
-        engine: running.engine.clone(),
-        client,
-        db,
-        running: Some(running),
-    }
+    let yaml = config_yaml(&db.url);
+    spawn_app_with(db, &yaml).await
 }
 
 impl TestApp {
+    /// The test's handle on `running`, with an HTTP client whose requests time out after 30 s.
+    fn serving(db: TestDb, running: mailqueue_engine::startup::RunningApp) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .expect("HTTP client");
+        Self {
+            addr: running.addr,
+            engine: running.engine.clone(),
+            client,
+            db,
+            running: Some(running),
+        }
+    }
+
     /// `http://<addr><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -463,6 +466,19 @@ impl SandboxConfig {
         }
     }
 
+    /// The `oauth_service` server `svc` (the service app) and queue `support` (priority 5, `en`) fed by `mailbox`.
+    pub fn support_queue(sb: &mailqueue_sandbox::Sandbox, db_url: &str, mailbox: &str) -> Self {
+        let mut config = Self::empty(sb, db_url);
+        config.servers = vec![SbServer::service(sb, "svc")];
+        config.queues = vec![SbQueue::new(
+            "support",
+            5,
+            "en",
+            vec![SbAddress::new(mailbox, "svc")],
+        )];
+        config
+    }
+
     /// An `oauth_service` server `svc` (the service app) and an `oauth_user` server `usr` (the public client);
     /// queue `support` fed by a fresh shared mailbox on `svc`, queue `sales` by a fresh user's own mailbox on `usr`.
     pub fn standard(
@@ -585,17 +601,7 @@ pub async fn spawn_app_with(db: TestDb, yaml: &str) -> TestApp {
     let running = mailqueue_engine::startup::spawn(parse_config(yaml))
         .await
         .expect("app starts");
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .expect("HTTP client");
-    TestApp {
-        addr: running.addr,
-        engine: running.engine.clone(),
-        client,
-        db,
-        running: Some(running),
-    }
+    TestApp::serving(db, running)
 }
 
 /// Starts the engine and its API from a configuration file, as `mailqueue serve --config FILE` does: a reload
@@ -610,17 +616,7 @@ pub async fn spawn_app_from_file(db: TestDb, file: &Path) -> TestApp {
     let running = mailqueue_engine::startup::spawn_with(config, options)
         .await
         .expect("app starts");
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .expect("HTTP client");
-    TestApp {
-        addr: running.addr,
-        engine: running.engine.clone(),
-        client,
-        db,
-        running: Some(running),
-    }
+    TestApp::serving(db, running)
 }
 
 /// Calls `check` every 50 ms until it returns `Some`, and returns that; panics with `what` after `limit`.
@@ -791,6 +787,29 @@ pub async fn wait_exit(
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// An `outgoing_server:` section for the sandbox's SMTP server (STARTTLS), authenticating as `username` with the
+/// service app, with `contact_information`.
+pub fn sandbox_outgoing_yaml(
+    sb: &mailqueue_sandbox::Sandbox,
+    username: &str,
+    contact_information: &str,
+) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    format!(
+        "outgoing_server:\n  host: {host}\n  port: {port}\n  starttls: true\n  login_address: {login}\n  \
+         auth: oauth_service\n  client_id: {id}\n  client_secret: {secret}\n  username: {user}\n  \
+         contact_information: {contact}\n  ca_file: {ca}\n",
+        host = q(&sb.mail_host().to_string()),
+        port = sb.smtp_port(),
+        login = q(&sb.login_address(sb.tenant_id())),
+        id = q(&sb.service_app().client_id),
+        secret = q(&sb.service_app().client_secret),
+        user = q(username),
+        contact = q(contact_information),
+        ca = q(&sb.ca_file().display().to_string()),
+    )
 }
 
 #[cfg(test)]

@@ -451,14 +451,7 @@ async fn crash_between_commit_and_seen(kind: Kind) {
     let sb = Sandbox::shared().await;
     let db = TestDb::new(kind).await;
     let mailbox = sb.new_mailbox("crash");
-    let mut config = SandboxConfig::empty(sb, &db.url);
-    config.servers = vec![SbServer::service(sb, "svc")];
-    config.queues = vec![SbQueue::new(
-        "support",
-        5,
-        "en",
-        vec![SbAddress::new(&mailbox, "svc")],
-    )];
+    let config = SandboxConfig::support_queue(sb, &db.url, &mailbox);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mailqueue.yaml");
     std::fs::write(&path, config.yaml()).unwrap();
@@ -603,14 +596,7 @@ async fn uidvalidity_change_imports_nothing_twice(kind: Kind) {
     let sb = Sandbox::shared().await;
     let db = TestDb::new(kind).await;
     let mailbox = sb.new_mailbox("uidvalidity");
-    let mut config = SandboxConfig::empty(sb, &db.url);
-    config.servers = vec![SbServer::service(sb, "svc")];
-    config.queues = vec![SbQueue::new(
-        "support",
-        5,
-        "en",
-        vec![SbAddress::new(&mailbox, "svc")],
-    )];
+    let config = SandboxConfig::support_queue(sb, &db.url, &mailbox);
     let yaml = config.yaml();
     let app = spawn_app_with(db, &yaml).await;
     for tag in ["uv-A", "uv-B", "uv-C"] {
@@ -901,14 +887,7 @@ async fn two_thousand_messages_are_all_accounted_for(kind: Kind) {
         })
         .collect();
     maildir::deliver_many(sb.mail_root(), &mailbox, &mails, sb.mail_owner()).unwrap();
-    let mut config = SandboxConfig::empty(sb, &db.url);
-    config.servers = vec![SbServer::service(sb, "svc")];
-    config.queues = vec![SbQueue::new(
-        "support",
-        5,
-        "en",
-        vec![SbAddress::new(&mailbox, "svc")],
-    )];
+    let config = SandboxConfig::support_queue(sb, &db.url, &mailbox);
     let started = Instant::now();
     let app = spawn_app_with(db, &config.yaml()).await;
     let db = &app.engine.db;

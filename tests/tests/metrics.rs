@@ -547,24 +547,6 @@ async fn a_database_outage_leaves_the_process_figures_and_database_up_0() {
 
 // ---- Mailboxes and the outgoing server's health, against the sandbox ----
 
-/// An `outgoing_server:` section for the sandbox's SMTP server with `contact_information`.
-fn outgoing_yaml(sb: &Sandbox, username: &str) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap();
-    format!(
-        "outgoing_server:\n  host: {host}\n  port: {port}\n  starttls: true\n  login_address: {login}\n  \
-         auth: oauth_service\n  client_id: {id}\n  client_secret: {secret}\n  username: {user}\n  \
-         contact_information: {contact}\n  ca_file: {ca}\n",
-        host = q(&sb.mail_host().to_string()),
-        port = sb.smtp_port(),
-        login = q(&sb.login_address(sb.tenant_id())),
-        id = q(&sb.service_app().client_id),
-        secret = q(&sb.service_app().client_secret),
-        user = q(username),
-        contact = q("Ops \"on call\" <ops@example.com>"),
-        ca = q(&sb.ca_file().display().to_string()),
-    )
-}
-
 async fn health_event(app: &TestApp, kind: &str) {
     let event = NewEvent {
         kind,
@@ -581,7 +563,11 @@ async fn mailbox_figures_and_outgoing_health() {
     let sb = Sandbox::shared().await;
     let db = TestDb::new(Kind::Sqlite).await;
     let (mut config, boxes) = SandboxConfig::standard(sb, &db.url, "metrics");
-    config.extra = outgoing_yaml(sb, &boxes.service);
+    config.extra = mailqueue_tests::sandbox_outgoing_yaml(
+        sb,
+        &boxes.service,
+        "Ops \"on call\" <ops@example.com>",
+    );
     // Prometheus without a token: `api.metrics: public`.
     let yaml = config
         .yaml()

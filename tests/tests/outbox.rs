@@ -30,24 +30,6 @@ fn unique(tag: &str) -> String {
     format!("{tag}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// `outgoing_server:` for the sandbox's SMTP server (STARTTLS), authenticating as `username` with the service app.
-fn outgoing_yaml(sb: &Sandbox, username: &str) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap();
-    format!(
-        "outgoing_server:\n  host: {host}\n  port: {port}\n  starttls: true\n  login_address: {login}\n  \
-         auth: oauth_service\n  client_id: {id}\n  client_secret: {secret}\n  username: {user}\n  \
-         contact_information: {contact}\n  ca_file: {ca}\n",
-        host = q(&sb.mail_host().to_string()),
-        port = sb.smtp_port(),
-        login = q(&sb.login_address(sb.tenant_id())),
-        id = q(&sb.service_app().client_id),
-        secret = q(&sb.service_app().client_secret),
-        user = q(username),
-        contact = q("ops-oncall@example.com"),
-        ca = q(&sb.ca_file().display().to_string()),
-    )
-}
-
 /// A config with queue `support` fed by a fresh mailbox on server `svc` (sender on or off) and the outgoing server
 /// authenticating as `username` (`None`: the queue mailbox itself).
 fn config(sb: &Sandbox, db: &TestDb, sender: bool, username: Option<&str>) -> (String, String) {
@@ -61,7 +43,11 @@ fn config(sb: &Sandbox, db: &TestDb, sender: bool, username: Option<&str>) -> (S
         "en",
         vec![SbAddress::new(&queue_box, "svc")],
     )];
-    c.extra = outgoing_yaml(sb, username.unwrap_or(&queue_box));
+    c.extra = mailqueue_tests::sandbox_outgoing_yaml(
+        sb,
+        username.unwrap_or(&queue_box),
+        "ops-oncall@example.com",
+    );
     let mut yaml = c.yaml();
     if !sender {
         yaml = yaml.replace("        sender: true\n", "        sender: false\n");
@@ -887,7 +873,7 @@ async fn from_falls_back_to_another_sender_address_or_the_agents_choice() {
             SbAddress::new(alias, "svc"),
         ],
     )];
-    c.extra = outgoing_yaml(sb, sender);
+    c.extra = mailqueue_tests::sandbox_outgoing_yaml(sb, sender, "ops-oncall@example.com");
     let quoted = |s: &str| serde_json::to_string(s).unwrap();
     let yaml = c.yaml().replace(
         &format!(

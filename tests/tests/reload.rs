@@ -11,7 +11,7 @@ use std::{
 
 use mailqueue_sandbox::Sandbox;
 use mailqueue_tests::{
-    Kind, SandboxConfig, SbAddress, SbQueue, SbServer, TestApp, TestDb, both_backends, config_yaml,
+    Kind, SandboxConfig, SbAddress, SbQueue, TestApp, TestDb, both_backends, config_yaml,
     eventually, mail, seed_contact, spawn_app_from_file, spawn_app_with,
 };
 use serde_json::Value as Json;
@@ -342,14 +342,7 @@ async fn sighup_adds_a_queue_whose_mail_flows(kind: Kind) {
     let db = TestDb::new(kind).await;
     let support = sb.new_mailbox(&unique("reload-support"));
     let billing = sb.new_mailbox(&unique("reload-billing"));
-    let mut config = SandboxConfig::empty(sb, &db.url);
-    config.servers = vec![SbServer::service(sb, "svc")];
-    config.queues = vec![SbQueue::new(
-        "support",
-        5,
-        "en",
-        vec![SbAddress::new(&support, "svc")],
-    )];
+    let mut config = SandboxConfig::support_queue(sb, &db.url, &support);
     let (dir, path) = config_file(&config.yaml());
     let log = dir.path().join("serve.log");
     let mut child = mailqueue_tests::serve(&path, &log, None);
