@@ -29,6 +29,17 @@ pub fn init_logs() {
     }
 }
 
+/// The exit code of a benchmark run: success, or failure with the error and its causes on stderr.
+pub fn exit_code(bench: &str, outcome: anyhow::Result<()>) -> std::process::ExitCode {
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{bench} benchmark failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one benchmark in a private sandbox on a fresh database, bounded by `limit`. Whatever happens, it then stops
 /// the engine `measure` left in `app`, drops the database and stops the sandbox — in that order — and hands the
 /// result to `show` before reporting a clean-up failure, so figures are never lost to one.

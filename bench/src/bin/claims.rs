@@ -95,14 +95,7 @@ const SEED_BATCH: usize = 5_000;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     setup::init_logs();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("claims benchmark failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    setup::exit_code("claims", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -86,14 +86,7 @@ const LARGE_RESULT: &str = "LARGE_RESULT";
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     setup::init_logs();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ingest benchmark failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    setup::exit_code("ingest", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

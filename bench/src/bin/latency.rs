@@ -56,14 +56,7 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     setup::init_logs();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("latency benchmark failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    setup::exit_code("latency", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -68,14 +68,7 @@ const TARGET_PER_SEC: f64 = 500.0;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     setup::init_logs();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("replies benchmark failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    setup::exit_code("replies", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
